@@ -1,0 +1,29 @@
+"""keras_gradtools: find and fix vanishing and exploding gradients in Keras 3."""
+
+from keras_gradtools.callbacks import GradNormLogger
+from keras_gradtools.norms import gradient_norm
+from keras_gradtools.norms import gradient_norms
+from keras_gradtools.norms import global_norm
+from keras_gradtools.norms import is_bias
+from keras_gradtools.norms import variable_key
+from keras_gradtools.probe import compute_weight_gradient_norms
+from keras_gradtools.recorder import GradNormModel
+from keras_gradtools.recorder import GradNormRecorder
+from keras_gradtools.recorder import instrument_model
+from keras_gradtools.recorder import loss_scale_of
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GradNormLogger",
+    "GradNormModel",
+    "GradNormRecorder",
+    "compute_weight_gradient_norms",
+    "global_norm",
+    "gradient_norm",
+    "gradient_norms",
+    "instrument_model",
+    "is_bias",
+    "loss_scale_of",
+    "variable_key",
+]

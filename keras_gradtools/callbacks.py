@@ -1,0 +1,285 @@
+"""Keras callbacks: `GradNormLogger` records every layer's gradient norm."""
+
+import csv
+import json
+import os
+
+import numpy as np
+import keras
+
+from keras_gradtools import norms as norms_lib
+from keras_gradtools import recorder as recorder_lib
+
+
+class GradNormLogger(keras.callbacks.Callback):
+    """Records the L2 norm of every layer's weight gradient at every step.
+
+    Works on any compiled Keras 3 model trained with the stock `fit()`
+    (Sequential, Functional, subclassed; RNNs, embeddings, batch norm, frozen
+    layers). The norms are taken inside the compiled train step from the
+    very gradients the optimizer applies: no second forward or backward
+    pass, no host round trip per step. For the duration of `fit()` the
+    model's train function is rebuilt with the optimizer's `apply` wrapped
+    (see `instrument_model`); when `fit()` returns, raises or is interrupted
+    the previous train function is put back, so the model is exactly as
+    found and `model.save()` is unaffected.
+
+    What is recorded:
+
+    - `history[key]`: 1-D float64 array, one norm per training step of the
+      last `fit()`, in order. Keys are Keras 3 `variable.path`
+      (`"sequential/dense_3/kernel"`), ordered as `model.trainable_variables`.
+    - `global_norms`: the norm of all recorded gradients together, per step.
+    - `epoch_end_steps`: the number of steps done at the end of each epoch.
+    - In Keras' `History` (`model.fit(...).history`), each epoch's mean per
+      variable as `grad_norm/<key>` and the epoch's largest global norm as
+      `grad_norm_max/global` (the latter is also put in the epoch `logs`, so
+      the progress bar, `CSVLogger` and `EarlyStopping` see it; the
+      per-variable means go straight into `History` to keep the progress bar
+      readable).
+
+    Details a user relies on:
+
+    - Under a loss-scaling optimizer (`mixed_float16`) the norms are those
+      of the unscaled gradients. A step whose gradients are not finite is
+      recorded as NaN/Inf (the loss-scale optimizer then skips it).
+    - The norms are pre-clipping: they are the gradients the optimizer
+      receives, before its own `clipnorm`/`clipvalue`/`global_clipnorm`.
+    - Frozen variables are not trainable and are not recorded. A trainable
+      variable that gets no gradient (not connected to the loss) is recorded
+      as 0, which is what the optimizer applies to it.
+    - Biases (variables named `bias`) are left out unless
+      `include_biases=True`; see `keras_gradtools.norms.is_bias`.
+    - Reusing one logger for several `fit()` calls starts a new recording
+      each time (like Keras' own callbacks, state is reset in
+      `on_train_begin`). Two loggers in one `fit()` each keep their own
+      recording (with their own settings); each gradient's norm is computed
+      once and shared between them.
+    - A NaN in the data shows up as a NaN norm at that step; nothing here
+      raises because of it.
+
+    Args:
+        include_biases: whether biases are recorded too. Defaults to `False`.
+        flush_every: the recording is copied from the device every this
+            many steps (and at every epoch end). Larger is cheaper; readers
+            such as `GradientMonitor` see new steps at this pace. Defaults
+            to `256`.
+
+    Example:
+
+    >>> import keras, numpy as np
+    >>> model = keras.Sequential([keras.Input((4,)),
+    ...                           keras.layers.Dense(3, name="hidden"),
+    ...                           keras.layers.Dense(1, name="out")])
+    >>> model.compile(optimizer="adam", loss="mse")
+    >>> logger = GradNormLogger()
+    >>> history = model.fit(np.ones((32, 4)), np.ones((32, 1)), batch_size=8,
+    ...                     epochs=2, callbacks=[logger], verbose=0)
+    >>> sorted(logger.history)
+    ['sequential/hidden/kernel', 'sequential/out/kernel']
+    >>> logger.history["sequential/out/kernel"].shape
+    (8,)
+    >>> len(history.history["grad_norm/sequential/out/kernel"])
+    2
+    """
+
+    def __init__(self, include_biases=False, flush_every=256):
+        super().__init__()
+        if not isinstance(flush_every, int) or flush_every < 1:
+            raise ValueError(
+                "`flush_every` must be a positive integer. "
+                f"Received: flush_every={flush_every}"
+            )
+        self.include_biases = include_biases
+        self.flush_every = flush_every
+        self.recorder = None
+        self.epoch_end_steps = []
+        self._restore = None
+        self._calls_since_flush = 0
+        self._steps_per_call = 1
+        self._readers = []
+
+    # ------------------------------------------------------------------
+    # Results
+    # ------------------------------------------------------------------
+
+    @property
+    def keys(self):
+        """The recorded variables' keys, in `trainable_variables` order."""
+        return list(self.recorder.keys) if self.recorder else []
+
+    @property
+    def norms(self):
+        """All recorded norms as a `(steps, len(keys))` float64 array."""
+        if self.recorder is None:
+            return np.zeros((0, 0))
+        return self.recorder.norms
+
+    @property
+    def history(self):
+        """Dict `key -> 1-D array` of per-step norms of the last `fit()`."""
+        if self.recorder is None:
+            return {}
+        return self.recorder.history
+
+    @property
+    def global_norms(self):
+        """1-D array: the norm of all recorded gradients together, per step."""
+        return norms_lib.global_norm(self.norms) if self.recorder else np.zeros(0)
+
+    def save(self, path):
+        """Writes the per-step norms to a `.csv` or `.json` file.
+
+        The CSV has a header `step,epoch,global,<key>...` and one row per
+        step; the JSON holds `keys`, `epoch_end_steps` and `norms` (a list
+        of rows; non-finite values are written as the strings `"nan"`,
+        `"inf"`, `"-inf"`). The file must not exist yet.
+
+        Args:
+            path: destination, ending in `.csv` or `.json`.
+
+        Returns:
+            The path written.
+
+        Raises:
+            ValueError: for another extension.
+            FileExistsError: if `path` already exists.
+        """
+        path = os.fspath(path)
+        ext = os.path.splitext(path)[1].lower()
+        if ext not in (".csv", ".json"):
+            raise ValueError(
+                "`path` must end in '.csv' or '.json'. "
+                f"Received: path={path!r}"
+            )
+        norms = self.norms
+        epochs = _epoch_of_steps(len(norms), self.epoch_end_steps)
+        with open(path, "x", newline="") as f:
+            if ext == ".csv":
+                writer = csv.writer(f)
+                writer.writerow(["step", "epoch", "global"] + self.keys)
+                for step, row in enumerate(norms):
+                    writer.writerow(
+                        [step, int(epochs[step]), repr(float(norms_lib.global_norm(row)))]
+                        + [repr(float(v)) for v in row]
+                    )
+            else:
+                json.dump(
+                    {
+                        "keys": self.keys,
+                        "epoch_end_steps": list(self.epoch_end_steps),
+                        "norms": [[_json_float(v) for v in row] for row in norms],
+                    },
+                    f,
+                )
+        return path
+
+    # ------------------------------------------------------------------
+    # Readers (GradientMonitor, TensorBoard writers) subscribe here
+    # ------------------------------------------------------------------
+
+    def _add_reader(self, reader):
+        """Calls `reader(first_step, new_rows)` after every flush."""
+        if reader not in self._readers:
+            self._readers.append(reader)
+
+    def _remove_reader(self, reader):
+        if reader in self._readers:
+            self._readers.remove(reader)
+
+    def flush(self):
+        """Copies the steps recorded since the last flush from the device.
+
+        Returns:
+            The new rows, a `(new_steps, len(keys))` array.
+        """
+        self._calls_since_flush = 0
+        if self.recorder is None:
+            return np.zeros((0, 0))
+        first = self.recorder._read
+        rows = self.recorder.flush()
+        if len(rows):
+            for reader in list(self._readers):
+                reader(first, rows)
+        return rows
+
+    # ------------------------------------------------------------------
+    # Callback hooks
+    # ------------------------------------------------------------------
+
+    def on_train_begin(self, logs=None):
+        self.epoch_end_steps = []
+        self._calls_since_flush = 0
+        self._steps_per_call = max(
+            1, int(getattr(self.model, "steps_per_execution", 1) or 1)
+        )
+        self.recorder = recorder_lib.GradNormRecorder(
+            self.model.trainable_variables,
+            include_biases=self.include_biases,
+            capacity=self.flush_every + 2 * self._steps_per_call + 1,
+        )
+        self._restore = recorder_lib.instrument_model(
+            self.model, [self.recorder]
+        )
+
+    # Keras dispatches batch-*end* hooks asynchronously only when no
+    # callback overrides them, so the logger uses the batch-begin hook, which
+    # is called with no logs and costs a Python call per step.
+    def on_train_batch_begin(self, batch, logs=None):
+        self._calls_since_flush += 1
+        if self._calls_since_flush * self._steps_per_call >= self.flush_every:
+            self.flush()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.flush()
+        norms = self.norms
+        start = self.epoch_end_steps[-1] if self.epoch_end_steps else 0
+        self.epoch_end_steps.append(len(norms))
+        epoch_rows = norms[start:]
+        if not len(epoch_rows):
+            return
+        history = getattr(self.model, "history", None)
+        if history is not None and hasattr(history, "history"):
+            with np.errstate(all="ignore"):
+                means = epoch_rows.mean(axis=0)
+            for key, mean in zip(self.keys, means):
+                history.history.setdefault(f"grad_norm/{key}", []).append(
+                    float(mean)
+                )
+        if logs is not None:
+            globals_ = norms_lib.global_norm(epoch_rows)
+            logs["grad_norm_max/global"] = float(_nan_aware_max(globals_))
+
+    def on_train_end(self, logs=None):
+        try:
+            self.flush()
+        finally:
+            if self._restore is not None:
+                self._restore()
+                self._restore = None
+
+
+def _nan_aware_max(values):
+    """Largest value; NaN if any value is NaN (a NaN step must show)."""
+    values = np.asarray(values, dtype=np.float64)
+    if not values.size:
+        return np.nan
+    if np.isnan(values).any():
+        return np.nan
+    return values.max()
+
+
+def _epoch_of_steps(num_steps, epoch_end_steps):
+    """Epoch index (0-based) of each step, from the epoch boundaries."""
+    epochs = np.searchsorted(
+        np.asarray(epoch_end_steps, dtype=np.int64), np.arange(num_steps),
+        side="right",
+    )
+    return epochs
+
+
+def _json_float(value):
+    value = float(value)
+    if np.isfinite(value):
+        return value
+    return "nan" if np.isnan(value) else ("inf" if value > 0 else "-inf")

@@ -1,0 +1,552 @@
+"""In-graph recording of gradient norms.
+
+A `GradNormRecorder` keeps a ring buffer of per-step norms in `tf.Variable`s
+that the compiled train step writes to; the host reads the buffer on its own
+schedule (`flush()`), so recording costs no host round trip per step.
+
+Three ways to feed a recorder, all from the gradients the optimizer applies:
+
+- `GradNormLogger` (in `callbacks.py`) instruments any compiled model for the
+  duration of `fit()` through `instrument_model()` below;
+- `GradNormModel`, a `keras.Model` whose GradientTape train step records;
+- a custom training loop calls `recorder.record(gradients, variables)`
+  inside its own `tf.function`.
+"""
+
+import numpy as np
+import tensorflow as tf
+import keras
+
+from keras.src.losses.loss import unscale_loss_for_distribution as _unscale_loss_for_distribution
+
+from keras_gradtools import norms as norms_lib
+
+_DEFAULT_CAPACITY = 4096
+
+
+def loss_scale_of(optimizer):
+    """Returns the factor by which an optimizer scales the loss, or `None`.
+
+    Gradients taken from a scaled loss are scaled by the same factor; the
+    recorded norms divide it out so that they are those of the true
+    gradient. A `LossScaleOptimizer` (what `compile()` wraps the optimizer
+    in under the `mixed_float16` policy) scales by its current
+    `dynamic_scale`; any Keras optimizer may also have a static
+    `loss_scale_factor`.
+
+    Args:
+        optimizer: a Keras optimizer, or `None`.
+
+    Returns:
+        A scalar (tensor or float), or `None` when the loss is not scaled.
+    """
+    if optimizer is None:
+        return None
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        # Mirrors LossScaleOptimizer.scale_loss: the constant initial scale
+        # until the optimizer is built, its variable after.
+        if optimizer.built:
+            return optimizer.dynamic_scale
+        return optimizer.initial_scale
+    return getattr(optimizer, "loss_scale_factor", None)
+
+
+class GradNormRecorder:
+    """Records the L2 norm of each variable's gradient at every step.
+
+    The norms live in a `(capacity, num_variables)` float32 ring buffer
+    (`tf.Variable`) written inside the compiled train step; `flush()` copies
+    the rows written since the last flush to the host. Flush at least every
+    `capacity` steps: rows older than that are overwritten, and `flush()`
+    then warns and records the lost steps as NaN so that step numbers stay
+    right.
+
+    The recorder is not tracked by any model: it is never saved with one.
+
+    Args:
+        variables: the variables whose gradients may be recorded, e.g.
+            `model.trainable_variables`.
+        include_biases: whether biases are recorded. Defaults to `False`.
+        capacity: rows in the ring buffer. Defaults to `4096`.
+
+    Example:
+
+    >>> import keras, tensorflow as tf
+    >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    >>> recorder = GradNormRecorder(model.trainable_variables)
+    >>> @tf.function
+    ... def step(x, y):
+    ...     with tf.GradientTape() as tape:
+    ...         loss = tf.reduce_mean((model(x) - y) ** 2)
+    ...     grads = tape.gradient(loss, model.trainable_variables)
+    ...     recorder.record(grads, model.trainable_variables)
+    >>> step(tf.ones((4, 2)), tf.zeros((4, 1)))
+    >>> recorder.keys
+    ['sequential/dense/kernel']
+    >>> recorder.history["sequential/dense/kernel"].shape
+    (1,)
+    """
+
+    def __init__(self, variables, include_biases=False, capacity=None):
+        capacity = _DEFAULT_CAPACITY if capacity is None else capacity
+        if not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(
+                "`capacity` must be a positive integer. "
+                f"Received: capacity={capacity}"
+            )
+        self.include_biases = include_biases
+        self.capacity = capacity
+        self.variables = norms_lib.select_variables(variables, include_biases)
+        self.keys = norms_lib.unique_keys(self.variables)
+        self._index = {}
+        for i, variable in enumerate(self.variables):
+            for handle in _handles(variable):
+                self._index[id(handle)] = i
+        width = max(len(self.variables), 1)
+        with tf.init_scope():
+            self._buffer = tf.Variable(
+                tf.zeros([capacity, width], tf.float32),
+                trainable=False,
+                name="gradtools_norms",
+                synchronization=tf.VariableSynchronization.ON_WRITE,
+                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+            )
+            self._count = tf.Variable(
+                tf.constant(0, tf.int64),
+                trainable=False,
+                name="gradtools_count",
+                synchronization=tf.VariableSynchronization.ON_WRITE,
+                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+            )
+        self._read = 0
+        self._chunks = []
+        self.reset()
+
+    def reset(self):
+        """Forgets everything recorded on the host; the counter restarts.
+
+        Returns:
+            `None`.
+        """
+        self._count.assign(0)
+        self._read = 0
+        self._chunks = []
+        self._cache = None
+
+    # ------------------------------------------------------------------
+    # Device side
+    # ------------------------------------------------------------------
+
+    def norms_of(self, gradients, variables, scale=None):
+        """Returns this recorder's per-variable norms for one step.
+
+        Gradients are matched to the recorder's variables by identity; a
+        recorded variable that is absent from `variables`, or whose gradient
+        is `None`, gets 0.
+
+        Args:
+            gradients: the gradients, one per variable.
+            variables: the variables, in the same order.
+            scale: the loss scale to divide out, or `None`. Defaults to
+                `None`.
+
+        Returns:
+            A float32 tensor of shape `(len(self.keys),)`.
+        """
+        gradients = list(gradients)
+        variables = list(variables)
+        if len(gradients) != len(variables):
+            raise ValueError(
+                "`gradients` and `variables` must have the same length. "
+                f"Received: len(gradients)={len(gradients)}, "
+                f"len(variables)={len(variables)}"
+            )
+        return _norms_for(self, gradients, variables, scale, {})
+
+    def record(self, gradients, variables, scale=None):
+        """Writes one step's norms into the buffer (call in the train step).
+
+        Args:
+            gradients: the gradients the optimizer is about to apply.
+            variables: the variables they belong to, in the same order.
+            scale: the loss scale to divide out, or `None` when the loss is
+                not scaled. Defaults to `None`.
+
+        Returns:
+            The recorded norms, a float32 tensor of shape
+            `(len(self.keys),)`.
+        """
+        norms = self.norms_of(gradients, variables, scale)
+        self.write(norms)
+        return norms
+
+    def write(self, norms):
+        """Writes an already computed norm vector as the next step's row.
+
+        Args:
+            norms: a float32 tensor of shape `(len(self.keys),)`.
+
+        Returns:
+            `None`.
+        """
+        if not self.variables:
+            norms = tf.zeros([1], tf.float32)
+        row = tf.math.floormod(self._count.read_value(), self.capacity)
+        written = self._buffer.scatter_nd_update(
+            tf.reshape(tf.cast(row, tf.int64), [1, 1]),
+            tf.reshape(norms, [1, -1]),
+        )
+        # The count moves only once the row is written: a step that fails
+        # (a data error) leaves no phantom row behind.
+        with tf.control_dependencies([written]):
+            self._count.assign_add(1)
+
+    def _lookup(self, variable):
+        for handle in _handles(variable):
+            i = self._index.get(id(handle))
+            if i is not None:
+                return i
+        return None
+
+    # ------------------------------------------------------------------
+    # Host side
+    # ------------------------------------------------------------------
+
+    @property
+    def steps_recorded(self):
+        """Number of steps recorded so far (reads the device counter)."""
+        return int(self._count.numpy())
+
+    def flush(self):
+        """Copies the rows written since the last flush to the host.
+
+        Returns:
+            A `(num_new_steps, len(self.keys))` float64 NumPy array of the new
+            rows, oldest first.
+        """
+        count = int(self._count.numpy())
+        new = count - self._read
+        if new <= 0:
+            return np.zeros((0, len(self.keys)))
+        buffer = self._buffer.numpy()[:, : len(self.keys)].astype(np.float64)
+        lost = max(0, new - self.capacity)
+        if lost:
+            tf.get_logger().warning(
+                f"keras_gradtools: {lost} steps were overwritten before they "
+                f"were read (capacity={self.capacity}); they are recorded as "
+                "NaN. Flush more often or raise `capacity`."
+            )
+        kept = new - lost
+        rows = (np.arange(count - kept, count)) % self.capacity
+        chunk = np.concatenate(
+            [np.full((lost, len(self.keys)), np.nan), buffer[rows]], axis=0
+        )
+        self._read = count
+        self._chunks.append(chunk)
+        self._cache = None
+        return chunk
+
+    @property
+    def norms(self):
+        """All recorded norms, `(steps, len(self.keys))`, after a flush."""
+        self.flush()
+        if self._cache is None:
+            if self._chunks:
+                self._cache = np.concatenate(self._chunks, axis=0)
+            else:
+                self._cache = np.zeros((0, len(self.keys)))
+            self._chunks = [self._cache]
+        return self._cache
+
+    @property
+    def history(self):
+        """Dict `key -> 1-D array` of norms over all recorded steps."""
+        norms = self.norms
+        return {key: norms[:, i] for i, key in enumerate(self.keys)}
+
+    @property
+    def global_norms(self):
+        """1-D array: the norm of all recorded gradients together, per step."""
+        return norms_lib.global_norm(self.norms)
+
+
+def _handles(variable):
+    """Objects that may stand for the same variable in a train step."""
+    handles = [variable]
+    value = getattr(variable, "value", None)
+    if isinstance(value, tf.Variable):
+        handles.append(value)
+    return handles
+
+
+def instrument_model(model, recorders):
+    """Makes `model`'s train function record gradient norms into `recorders`.
+
+    The model's optimizer is wrapped *only while the train function runs*
+    (so it is never saved, copied or left wrapped): its `apply` first hands
+    the very gradients it received (loss-scaled ones divided by the scale)
+    to every recorder, then applies them unchanged. The model's own
+    `train_step` is untouched. Call the returned `restore()` to put the
+    model's previous train function back; it is also called automatically
+    if the train function raises (an error, `KeyboardInterrupt`), and if a
+    later `fit()` that does not carry these recorders calls it.
+
+    Instrumenting a model that is already instrumented in the same `fit()`
+    adds the recorders to the existing instrumentation: each gradient's
+    norm is computed once and written to all of them.
+
+    A `GradNormModel` records in its own `train_step`: then no wrapping is
+    done, the recorders are attached to the model instead.
+
+    Args:
+        model: a compiled `keras.Model`.
+        recorders: list of `GradNormRecorder` to feed.
+
+    Returns:
+        A function `restore()` that detaches these recorders.
+
+    Raises:
+        ValueError: if the model has no optimizer.
+    """
+    recorders = list(recorders)
+    if isinstance(model, GradNormModel):
+        model._gradtools_recorders.extend(recorders)
+        model.make_train_function(force=True)
+
+        def restore_native():
+            for recorder in recorders:
+                if recorder in model._gradtools_recorders:
+                    model._gradtools_recorders.remove(recorder)
+            model.train_function = None
+
+        return restore_native
+
+    if model.optimizer is None:
+        raise ValueError(
+            "The model has no optimizer: call `model.compile(optimizer=...)` "
+            f"before `fit()`. Received: model={model.name!r}"
+        )
+    current = getattr(model.train_function, "_gradtools", None)
+    if current is None or not current.attach_ok(model):
+        current = _Instrumentation(model)
+    current.recorders.extend(recorders)
+
+    def restore():
+        current.detach(recorders)
+
+    return restore
+
+
+class _Instrumentation:
+    """A train function that records while it runs; see `instrument_model`."""
+
+    def __init__(self, model):
+        self.model = model
+        self.optimizer = model.optimizer
+        self.recorders = []
+        self.active = True
+        self.previous = model.train_function
+        self.history = getattr(model, "history", None)
+        self.own_apply = None
+        model.make_train_function(force=True)
+        self.compiled = model.train_function
+
+        def train_function(iterator):
+            return self.call(iterator)
+
+        train_function._gradtools = self
+        self.train_function = train_function
+        model.train_function = train_function
+
+    def attach_ok(self, model):
+        return (
+            self.active
+            and model.optimizer is self.optimizer
+            and getattr(model, "history", None) is self.history
+        )
+
+    def detach(self, recorders):
+        for recorder in recorders:
+            if recorder in self.recorders:
+                self.recorders.remove(recorder)
+        if not self.recorders:
+            self.restore()
+
+    def restore(self):
+        if not self.active:
+            return
+        self.active = False
+        self.recorders = []
+        if self.model.train_function is self.train_function:
+            self.model.train_function = self.previous
+
+    def apply(self, grads, trainable_variables=None):
+        optimizer = self.optimizer
+        grads = list(grads)
+        if trainable_variables is None:
+            variables = list(optimizer._trainable_variables)
+        else:
+            trainable_variables = list(trainable_variables)
+            variables = trainable_variables
+        scale = loss_scale_of(optimizer)
+        shared = {}
+        for recorder in self.recorders:
+            recorder.write(_norms_for(recorder, grads, variables, scale, shared))
+        apply = self.own_apply or type(optimizer).apply.__get__(optimizer)
+        return apply(grads, trainable_variables)
+
+    def call(self, iterator):
+        model = self.model
+        if not self.active or getattr(model, "history", None) is not self.history:
+            # A later fit() that does not carry these recorders.
+            self.restore()
+            model.make_train_function()
+            return model.train_function(iterator)
+        optimizer = self.optimizer
+        own = optimizer.__dict__.get("apply", _MISSING)
+        self.own_apply = None if own is _MISSING else own
+        optimizer.apply = self.apply
+        try:
+            return self.compiled(iterator)
+        except BaseException:
+            self.restore()
+            raise
+        finally:
+            if own is _MISSING:
+                del optimizer.apply
+            else:
+                optimizer.apply = own
+
+
+_MISSING = object()
+
+
+def _norms_for(recorder, grads, variables, scale, shared):
+    """Norms for one recorder, computing each gradient's norm only once."""
+    slots = [None] * len(recorder.variables)
+    for gradient, variable in zip(grads, variables):
+        i = recorder._lookup(variable)
+        if i is None or slots[i] is not None:
+            continue
+        slots[i] = (id(gradient), gradient)
+    values = []
+    for slot in slots:
+        if slot is None or slot[1] is None:
+            values.append(tf.constant(0.0, tf.float32))
+            continue
+        key, gradient = slot
+        if key not in shared:
+            shared[key] = norms_lib.gradient_norm(gradient)
+        values.append(shared[key])
+    if not values:
+        return tf.zeros([0], tf.float32)
+    norms = tf.stack(values)
+    if scale is not None:
+        norms = norms / tf.cast(scale, tf.float32)
+    return norms
+
+
+@keras.saving.register_keras_serializable(package="keras_gradtools")
+class GradNormModel(keras.Model):
+    """A `keras.Model` whose GradientTape train step records gradient norms.
+
+    Use it as the base class of a subclassed model (or wrap inputs and
+    outputs as with `keras.Model(inputs, outputs)`) when you want the
+    recording in plain sight rather than through `GradNormLogger`'s
+    instrumentation. The train step follows Keras' own, in three phases
+    (forward, gradients, update); between the last two it hands the
+    gradients to `record_gradient_norms()`, which feeds every attached
+    recorder. A subclass that writes its own `train_step` calls
+    `self.record_gradient_norms(gradients, variables)` the same way.
+
+    `fit()` attaches a `GradNormLogger` when none is given, so that the
+    norms are always read; it is kept as `model.grad_norm_logger`.
+
+    Example:
+
+    >>> import keras, numpy as np
+    >>> inputs = keras.Input((3,))
+    >>> outputs = keras.layers.Dense(1, name="out")(inputs)
+    >>> model = GradNormModel(inputs, outputs)
+    >>> model.compile(optimizer="sgd", loss="mse")
+    >>> _ = model.fit(np.ones((8, 3)), np.zeros((8, 1)), batch_size=4,
+    ...               epochs=1, verbose=0)
+    >>> model.grad_norm_logger.history["out/kernel"].shape
+    (2,)
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # A plain list is tracked by Keras; keep the recorders out of sight
+        # of tracking and saving.
+        object.__setattr__(self, "_gradtools_recorders", [])
+        object.__setattr__(self, "grad_norm_logger", None)
+
+    def record_gradient_norms(self, gradients, variables, scale=None):
+        """Feeds the gradients to every recorder attached to this model.
+
+        Call it inside `train_step`, after the gradients are computed and
+        before they are applied.
+
+        Args:
+            gradients: the gradients, one per variable.
+            variables: the variables, in the same order.
+            scale: the loss scale to divide out, or `None` to use the
+                optimizer's (see `loss_scale_of`). Defaults to `None`.
+
+        Returns:
+            `None`.
+        """
+        if not self._gradtools_recorders:
+            return
+        if scale is None:
+            scale = loss_scale_of(self.optimizer)
+        gradients = list(gradients)
+        variables = list(variables)
+        shared = {}
+        for recorder in self._gradtools_recorders:
+            recorder.write(
+                _norms_for(recorder, gradients, variables, scale, shared)
+            )
+
+    def train_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+
+        # Forward pass
+        with tf.GradientTape() as tape:
+            if self._call_has_training_arg:
+                y_pred = self(x, training=True)
+            else:
+                y_pred = self(x)
+            loss = self._compute_loss(
+                x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
+                training=True,
+            )
+            self._loss_tracker.update_state(
+                _unscale_loss_for_distribution(loss),
+                sample_weight=tf.shape(
+                    next(i for i in tf.nest.flatten(x) if i is not None)
+                )[0],
+            )
+            scaled_loss = self.optimizer.scale_loss(loss)
+
+        # Compute gradients
+        trainable_variables = self.trainable_variables
+        gradients = tape.gradient(scaled_loss, trainable_variables)
+        self.record_gradient_norms(gradients, trainable_variables)
+
+        # Update weights
+        self.optimizer.apply(gradients, trainable_variables)
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def fit(self, *args, callbacks=None, **kwargs):
+        from keras_gradtools.callbacks import GradNormLogger
+
+        # Recorders of an earlier fit() that ended in an exception.
+        del self._gradtools_recorders[:]
+        callbacks = list(callbacks or [])
+        if not any(isinstance(c, GradNormLogger) for c in callbacks):
+            if self.grad_norm_logger is None:
+                object.__setattr__(self, "grad_norm_logger", GradNormLogger())
+            callbacks.append(self.grad_norm_logger)
+        return super().fit(*args, callbacks=callbacks, **kwargs)

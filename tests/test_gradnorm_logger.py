@@ -1,0 +1,521 @@
+"""GradNormLogger records, per step, the norms of the gradients the optimizer applies."""
+
+import numpy as np
+import pytest
+import keras
+import tensorflow as tf
+
+from keras_gradtools import GradNormLogger, GradNormModel, GradNormRecorder
+
+RTOL = 1e-5
+
+
+# ---------------------------------------------------------------------------
+# Reference: a plain GradientTape loop on an identical copy of the model
+# ---------------------------------------------------------------------------
+
+
+def _twin(model, build):
+    """A second model with the same architecture and the same weights."""
+    twin = build()
+    twin.set_weights(model.get_weights())
+    return twin
+
+
+def _reference_norms(model, loss_fn, batches, keys, lr):
+    """Per-step kernel norms from a GradientTape loop with the same SGD."""
+    optimizer = keras.optimizers.SGD(lr)
+    by_key = {v.path: v for v in model.trainable_variables}
+    out = []
+    for xb, yb in batches:
+        with tf.GradientTape() as tape:
+            loss = loss_fn(yb, model(xb, training=True))
+        grads = tape.gradient(loss, model.trainable_variables)
+        named = dict(zip([v.path for v in model.trainable_variables], grads))
+        row = []
+        for key in keys:
+            g = named[key]
+            if isinstance(g, tf.IndexedSlices):
+                g = tf.convert_to_tensor(g)
+            row.append(np.sqrt(np.sum(np.square(np.asarray(g, np.float64)))))
+        out.append(row)
+        optimizer.apply(grads, model.trainable_variables)
+    assert set(keys) <= set(by_key)
+    return np.array(out)
+
+
+def _batches(x, y, batch_size):
+    n = len(y)
+    cut = lambda a, i: [t[i : i + batch_size] for t in a] if isinstance(a, list) else a[i : i + batch_size]
+    return [(cut(x, i), cut(y, i)) for i in range(0, n, batch_size)]
+
+
+def _check_against_tape(build, x, y, batch_size=8, compile_kwargs=None, logger=None,
+                        rtol=RTOL):
+    lr = 0.05
+    model = build()
+    reference = _twin(model, build)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy()
+    model.compile(optimizer=keras.optimizers.SGD(lr), loss=loss_fn, **(compile_kwargs or {}))
+    logger = logger or GradNormLogger()
+    model.fit(x, y, batch_size=batch_size, epochs=1, shuffle=False, verbose=0,
+              callbacks=[logger])
+    expected = _reference_norms(reference, loss_fn, _batches(x, y, batch_size),
+                                logger.keys, lr)
+    assert logger.norms.shape == expected.shape
+    np.testing.assert_allclose(logger.norms, expected, rtol=rtol)
+    return model, logger
+
+
+def _classification_data(n=32, d=6, classes=3, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)).astype("float32")
+    y = rng.integers(0, classes, size=n)
+    return x, y
+
+
+# ---------------------------------------------------------------------------
+# Model zoo
+# ---------------------------------------------------------------------------
+
+
+def _mlp():
+    keras.utils.set_random_seed(1)
+    return keras.Sequential([
+        keras.Input((6,)),
+        keras.layers.Dense(8, activation="tanh", name="h1"),
+        keras.layers.Dense(8, activation="tanh", name="h2"),
+        keras.layers.Dense(3, activation="softmax", name="out"),
+    ], name="mlp")
+
+
+def _shared_functional():
+    keras.utils.set_random_seed(2)
+    shared = keras.layers.Dense(4, activation="relu", name="shared")
+    a = keras.Input((6,), name="a")
+    b = keras.Input((6,), name="b")
+    merged = keras.layers.Concatenate()([shared(a), shared(b)])
+    out = keras.layers.Dense(3, activation="softmax", name="out")(merged)
+    return keras.Model([a, b], out, name="siamese")
+
+
+class _Subclassed(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.first = keras.layers.Dense(5, activation="relu", name="first")
+        self.second = keras.layers.Dense(3, activation="softmax", name="second")
+
+    def call(self, x):
+        return self.second(self.first(x))
+
+
+def _subclassed():
+    keras.utils.set_random_seed(3)
+    model = _Subclassed(name="sub")
+    model(np.zeros((1, 6), "float32"))
+    return model
+
+
+def _cnn_bn():
+    keras.utils.set_random_seed(4)
+    return keras.Sequential([
+        keras.Input((6, 6, 1)),
+        keras.layers.Conv2D(4, 3, name="conv"),
+        keras.layers.BatchNormalization(name="bn"),
+        keras.layers.Activation("relu"),
+        keras.layers.Flatten(),
+        keras.layers.Dense(3, activation="softmax", name="out"),
+    ], name="cnn")
+
+
+def _lstm():
+    keras.utils.set_random_seed(5)
+    return keras.Sequential([
+        keras.Input((5, 3)),
+        keras.layers.LSTM(4, name="lstm"),
+        keras.layers.Dense(3, activation="softmax", name="out"),
+    ], name="rnn")
+
+
+def _embedding():
+    keras.utils.set_random_seed(6)
+    return keras.Sequential([
+        keras.Input((5,), dtype="int32"),
+        keras.layers.Embedding(12, 4, name="emb"),
+        keras.layers.GlobalAveragePooling1D(),
+        keras.layers.Dense(3, activation="softmax", name="out"),
+    ], name="bag")
+
+
+# ---------------------------------------------------------------------------
+# Tests: equality with a reference tape
+# ---------------------------------------------------------------------------
+
+
+def test_sequential_mlp_matches_tape_every_step():
+    x, y = _classification_data()
+    _, logger = _check_against_tape(_mlp, x, y)
+    assert logger.keys == ["mlp/h1/kernel", "mlp/h2/kernel", "mlp/out/kernel"]
+    assert logger.norms.shape == (4, 3)
+
+
+def test_functional_with_shared_layer_records_shared_kernel_once():
+    x, y = _classification_data()
+    xb = _classification_data(seed=9)[0]
+    model, logger = _check_against_tape(_shared_functional, [x, xb], y)
+    assert logger.keys == ["shared/kernel", "out/kernel"]
+
+
+def test_subclassed_model_matches_tape():
+    x, y = _classification_data()
+    _, logger = _check_against_tape(_subclassed, x, y)
+    assert logger.keys == ["sub/first/kernel", "sub/second/kernel"]
+
+
+def test_cnn_with_batchnorm_records_gamma_and_beta_but_not_moving_stats():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(16, 6, 6, 1)).astype("float32")
+    y = rng.integers(0, 3, size=16)
+    _, logger = _check_against_tape(_cnn_bn, x, y)
+    assert logger.keys == ["cnn/conv/kernel", "cnn/bn/gamma", "cnn/bn/beta", "cnn/out/kernel"]
+
+
+def test_lstm_matches_tape():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(16, 5, 3)).astype("float32")
+    y = rng.integers(0, 3, size=16)
+    _, logger = _check_against_tape(_lstm, x, y)
+    assert logger.keys == [
+        "rnn/lstm/lstm_cell/kernel", "rnn/lstm/lstm_cell/recurrent_kernel", "rnn/out/kernel"
+    ]
+
+
+def test_embedding_sparse_gradients_with_repeated_ids_match_dense_norm():
+    rng = np.random.default_rng(3)
+    # Few ids, many uses: every batch repeats ids, so IndexedSlices carry duplicates.
+    x = rng.integers(0, 4, size=(16, 5)).astype("int32")
+    y = rng.integers(0, 3, size=16)
+    _, logger = _check_against_tape(_embedding, x, y)
+    assert logger.keys[0] == "bag/emb/embeddings"
+    assert np.all(logger.norms[:, 0] > 0)
+
+
+def test_include_biases_adds_them_in_variable_order():
+    x, y = _classification_data()
+    _, logger = _check_against_tape(_mlp, x, y, logger=GradNormLogger(include_biases=True))
+    assert logger.keys == [
+        "mlp/h1/kernel", "mlp/h1/bias", "mlp/h2/kernel", "mlp/h2/bias",
+        "mlp/out/kernel", "mlp/out/bias",
+    ]
+
+
+def test_steps_per_execution_records_every_step():
+    x, y = _classification_data(n=40)
+    _, logger = _check_against_tape(_mlp, x, y, compile_kwargs={"steps_per_execution": 3})
+    assert len(logger.norms) == 5
+
+
+def test_jit_compile_matches_tape():
+    x, y = _classification_data()
+    _check_against_tape(_mlp, x, y, compile_kwargs={"jit_compile": True})
+
+
+def test_jit_compile_with_embedding_sparse_gradients():
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 4, size=(16, 5)).astype("int32")
+    y = rng.integers(0, 3, size=16)
+    _check_against_tape(_embedding, x, y, compile_kwargs={"jit_compile": True})
+
+
+def test_small_flush_every_still_records_every_step_in_order():
+    x, y = _classification_data(n=80)
+    _, logger = _check_against_tape(_mlp, x, y, logger=GradNormLogger(flush_every=3))
+    assert len(logger.norms) == 10
+
+
+# ---------------------------------------------------------------------------
+# Mixed precision, NaN data, variables without gradient
+# ---------------------------------------------------------------------------
+
+
+def test_mixed_float16_records_unscaled_norms():
+    x, y = _classification_data()
+    model32 = _mlp()
+    weights = model32.get_weights()
+    loss_fn = keras.losses.SparseCategoricalCrossentropy()
+    expected = _reference_norms(model32, loss_fn, _batches(x, y, 8)[:1],
+                                ["mlp/h1/kernel", "mlp/h2/kernel", "mlp/out/kernel"], 0.05)
+
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    model16 = _mlp()
+    model16.set_weights(weights)
+    model16.compile(optimizer=keras.optimizers.SGD(0.05), loss="sparse_categorical_crossentropy")
+    assert isinstance(model16.optimizer, keras.optimizers.LossScaleOptimizer)
+    logger = GradNormLogger()
+    model16.fit(x[:8], y[:8], batch_size=8, epochs=1, verbose=0, callbacks=[logger])
+    scale = float(model16.optimizer.dynamic_scale.numpy())
+    assert scale > 1000  # the loss really was scaled
+    np.testing.assert_allclose(logger.norms, expected, rtol=1e-2)
+
+
+def test_nan_in_data_shows_as_nonfinite_norm_at_that_step():
+    x, y = _classification_data()
+    x = x.copy()
+    x[17, 2] = np.nan  # batch 2 (rows 16..23)
+    model = _mlp()
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    logger = GradNormLogger()
+    history = model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0,
+                        callbacks=[logger])
+    assert np.all(np.isfinite(logger.norms[:2]))
+    assert np.all(np.isnan(logger.norms[2]))
+    assert np.isnan(logger.global_norms[2])
+    assert np.isnan(history.history["grad_norm_max/global"][0])
+
+
+class _WithUnused(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.used = keras.layers.Dense(3, activation="softmax", name="used")
+        self.unused = keras.layers.Dense(3, name="unused")
+
+    def build(self, input_shape):
+        self.used.build(input_shape)
+        self.unused.build(input_shape)
+
+    def call(self, x):
+        return self.used(x)
+
+
+def test_frozen_and_unused_variables_do_not_crash():
+    x, y = _classification_data()
+    model = _WithUnused(name="m")
+    model.build((None, 6))
+    frozen = _mlp()
+    frozen.get_layer("h1").trainable = False
+    for m in (model, frozen):
+        m.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    logger = GradNormLogger()
+    with pytest.warns(UserWarning, match="[Gg]radients do not exist"):
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[logger])
+    assert logger.keys == ["m/used/kernel", "m/unused/kernel"]
+    assert np.all(logger.history["m/unused/kernel"] == 0.0)
+    assert np.all(logger.history["m/used/kernel"] > 0.0)
+
+    logger = GradNormLogger()
+    frozen.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[logger])
+    assert logger.keys == ["mlp/h2/kernel", "mlp/out/kernel"]
+
+
+# ---------------------------------------------------------------------------
+# History, global norm, epochs
+# ---------------------------------------------------------------------------
+
+
+def test_history_has_epoch_means_and_global_max():
+    x, y = _classification_data(n=24)
+    model = _mlp()
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    logger = GradNormLogger()
+    history = model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[logger])
+    assert logger.epoch_end_steps == [3, 6]
+    for key in logger.keys:
+        series = logger.history[key]
+        np.testing.assert_allclose(
+            history.history[f"grad_norm/{key}"], [series[:3].mean(), series[3:].mean()]
+        )
+    by_hand = np.sqrt(sum(logger.history[k] ** 2 for k in logger.keys))
+    np.testing.assert_allclose(logger.global_norms, by_hand)
+    np.testing.assert_allclose(
+        history.history["grad_norm_max/global"], [by_hand[:3].max(), by_hand[3:].max()]
+    )
+    assert history.history["loss"]  # Keras' own entries are still there
+
+
+# ---------------------------------------------------------------------------
+# The model is left as found
+# ---------------------------------------------------------------------------
+
+
+def test_model_left_as_found_and_saves(tmp_path):
+    x, y = _classification_data()
+    model = _mlp()
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    before = model.train_function
+    logger = GradNormLogger()
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[logger])
+    assert model.train_function is before
+    assert "apply" not in vars(model.optimizer)
+    assert "train_step" not in vars(model)
+    path = tmp_path / "m.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0),
+                               rtol=1e-6)
+    # A later fit without the logger records nothing more.
+    recorded = logger.recorder.steps_recorded
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    assert logger.recorder.steps_recorded == recorded
+
+
+class _Boom(keras.callbacks.Callback):
+    def __init__(self, at, error):
+        super().__init__()
+        self.at, self.error = at, error
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if batch == self.at:
+            raise self.error
+
+
+def test_model_restored_after_exception_in_train_function():
+    x, y = _classification_data()
+    model = _mlp()
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    logger = GradNormLogger()
+
+    def bad_data():
+        for i in range(3):
+            yield x[i * 8 : (i + 1) * 8], y[i * 8 : (i + 1) * 8]
+        raise RuntimeError("broken reader")
+
+    ds = tf.data.Dataset.from_generator(
+        bad_data,
+        output_signature=(tf.TensorSpec((None, 6), tf.float32), tf.TensorSpec((None,), tf.int64)),
+    )
+    with pytest.raises(Exception, match="broken reader"):
+        model.fit(ds, epochs=1, verbose=0, callbacks=[logger])
+    assert "apply" not in vars(model.optimizer)
+    assert len(logger.history["mlp/h1/kernel"]) == 3  # what was recorded is kept
+
+
+def test_exception_in_another_callback_and_keyboard_interrupt():
+    x, y = _classification_data()
+    model = _mlp()
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    for error in (KeyboardInterrupt(), ValueError("user callback failed")):
+        logger = GradNormLogger()
+        with pytest.raises(type(error)):
+            model.fit(x, y, batch_size=8, epochs=1, verbose=0,
+                      callbacks=[logger, _Boom(2, error)])
+        assert "apply" not in vars(model.optimizer)
+        assert len(logger.history["mlp/h1/kernel"]) == 2
+        # The next plain fit() drops the instrumentation and trains normally.
+        recorded = logger.recorder.steps_recorded
+        history = model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+        assert logger.recorder.steps_recorded == recorded
+        assert np.isfinite(history.history["loss"][0])
+
+
+def test_two_loggers_in_one_fit_and_reuse_across_fits():
+    x, y = _classification_data()
+    model = _mlp()
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    kernels, everything = GradNormLogger(), GradNormLogger(include_biases=True)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[kernels, everything])
+    assert len(everything.keys) == 2 * len(kernels.keys)
+    for key in kernels.keys:
+        np.testing.assert_array_equal(kernels.history[key], everything.history[key])
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[kernels])
+    assert len(kernels.history["mlp/h1/kernel"]) == 8  # a reused logger starts afresh
+    assert kernels.epoch_end_steps == [4, 8]
+
+
+def test_invalid_flush_every_is_rejected_with_its_value():
+    with pytest.raises(ValueError, match=r"flush_every.*Received: flush_every=0"):
+        GradNormLogger(flush_every=0)
+
+
+def test_save_csv_and_json_never_overwrite(tmp_path):
+    import csv, json
+
+    x, y = _classification_data(n=16)
+    model = _mlp()
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    logger = GradNormLogger()
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[logger])
+    logger.save(tmp_path / "norms.csv")
+    logger.save(tmp_path / "norms.json")
+    rows = list(csv.DictReader(open(tmp_path / "norms.csv")))
+    assert [int(r["epoch"]) for r in rows] == [0, 0, 1, 1]
+    np.testing.assert_allclose([float(r["mlp/h1/kernel"]) for r in rows],
+                               logger.history["mlp/h1/kernel"])
+    data = json.load(open(tmp_path / "norms.json"))
+    assert data["keys"] == logger.keys and data["epoch_end_steps"] == [2, 4]
+    with pytest.raises(FileExistsError):
+        logger.save(tmp_path / "norms.csv")
+    with pytest.raises(ValueError, match="Received: path="):
+        logger.save(tmp_path / "norms.txt")
+
+
+# ---------------------------------------------------------------------------
+# GradNormModel and the custom-loop recorder
+# ---------------------------------------------------------------------------
+
+
+def _gradnorm_functional():
+    keras.utils.set_random_seed(7)
+    inputs = keras.Input((6,))
+    h = keras.layers.Dense(8, activation="tanh", name="h1")(inputs)
+    out = keras.layers.Dense(3, activation="softmax", name="out")(h)
+    return GradNormModel(inputs, out, name="gnm")
+
+
+def test_gradnorm_model_matches_tape_and_round_trips(tmp_path):
+    x, y = _classification_data()
+    model, logger = _check_against_tape(_gradnorm_functional, x, y)
+    assert logger.keys == ["h1/kernel", "out/kernel"]
+    assert "apply" not in vars(model.optimizer)
+    path = tmp_path / "gnm.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert isinstance(loaded, GradNormModel)
+    loaded.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    assert loaded.grad_norm_logger.norms.shape == (4, 2)
+
+
+def test_gradnorm_model_fit_without_logger_attaches_one():
+    x, y = _classification_data()
+    model = _gradnorm_functional()
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    history = model.fit(x, y, batch_size=8, epochs=2, verbose=0)
+    assert model.grad_norm_logger.norms.shape == (8, 2)
+    assert history.history["loss"][1] > 0 and "accuracy" in history.history
+
+
+def test_custom_loop_recorder_matches_tape():
+    x, y = _classification_data()
+    model = _mlp()
+    reference = _twin(model, _mlp)
+    optimizer = keras.optimizers.SGD(0.05)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy()
+    recorder = GradNormRecorder(model.trainable_variables, capacity=3)
+
+    @tf.function
+    def step(xb, yb):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(yb, model(xb, training=True))
+        grads = tape.gradient(loss, model.trainable_variables)
+        recorder.record(grads, model.trainable_variables)
+        optimizer.apply(grads, model.trainable_variables)
+
+    batches = _batches(x, y, 8)
+    for xb, yb in batches[:2]:
+        step(xb, yb)
+    recorder.flush()
+    for xb, yb in batches[2:]:
+        step(xb, yb)
+    expected = _reference_norms(reference, loss_fn, batches, recorder.keys, 0.05)
+    np.testing.assert_allclose(recorder.norms, expected, rtol=RTOL)
+
+
+def test_recorder_overflow_warns_and_keeps_step_numbers():
+    v = tf.Variable([1.0, 2.0], name="w")
+    recorder = GradNormRecorder([v], capacity=2)
+    for i in range(5):
+        recorder.record([tf.constant([3.0, 4.0]) * (i + 1)], [v])
+    norms = recorder.norms[:, 0]
+    assert len(norms) == 5
+    assert np.all(np.isnan(norms[:3]))
+    np.testing.assert_allclose(norms[3:], [20.0, 25.0])
