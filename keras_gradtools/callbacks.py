@@ -70,16 +70,16 @@ class GradNormLogger(keras.callbacks.Callback):
     >>> import keras, numpy as np
     >>> model = keras.Sequential([keras.Input((4,)),
     ...                           keras.layers.Dense(3, name="hidden"),
-    ...                           keras.layers.Dense(1, name="out")])
+    ...                           keras.layers.Dense(1, name="out")], name="net")
     >>> model.compile(optimizer="adam", loss="mse")
     >>> logger = GradNormLogger()
     >>> history = model.fit(np.ones((32, 4)), np.ones((32, 1)), batch_size=8,
     ...                     epochs=2, callbacks=[logger], verbose=0)
     >>> sorted(logger.history)
-    ['sequential/hidden/kernel', 'sequential/out/kernel']
-    >>> logger.history["sequential/out/kernel"].shape
+    ['net/hidden/kernel', 'net/out/kernel']
+    >>> logger.history["net/out/kernel"].shape
     (8,)
-    >>> len(history.history["grad_norm/sequential/out/kernel"])
+    >>> len(history.history["grad_norm/net/out/kernel"])
     2
     """
 

@@ -48,12 +48,12 @@ def compute_weight_gradient_norms(
 
     >>> import keras, numpy as np
     >>> model = keras.Sequential([keras.Input((2,)),
-    ...                           keras.layers.Dense(1, name="out")])
+    ...                           keras.layers.Dense(1, name="out")], name="net")
     >>> model.compile(optimizer="sgd", loss="mse")
     >>> model.set_weights([np.ones((2, 1)), np.zeros(1)])
     >>> x, y = np.ones((4, 2)), np.zeros((4, 1))
     >>> norms = compute_weight_gradient_norms(model, x, y, batch_size=3)
-    >>> round(norms["sequential/out/kernel"], 5)  # d/dW mean (2)^2 = [4, 4]
+    >>> round(norms["net/out/kernel"], 5)  # d/dW mean (2)^2 = [4, 4]
     5.65685
     """
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:

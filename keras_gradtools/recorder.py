@@ -72,7 +72,8 @@ class GradNormRecorder:
     Example:
 
     >>> import keras, tensorflow as tf
-    >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, name="out")],
+    ...                          name="net")
     >>> recorder = GradNormRecorder(model.trainable_variables)
     >>> @tf.function
     ... def step(x, y):
@@ -82,8 +83,8 @@ class GradNormRecorder:
     ...     recorder.record(grads, model.trainable_variables)
     >>> step(tf.ones((4, 2)), tf.zeros((4, 1)))
     >>> recorder.keys
-    ['sequential/dense/kernel']
-    >>> recorder.history["sequential/dense/kernel"].shape
+    ['net/out/kernel']
+    >>> recorder.history["net/out/kernel"].shape
     (1,)
     """
 
