@@ -1,6 +1,16 @@
 """keras_gradtools: find and fix vanishing and exploding gradients in Keras 3."""
 
 from keras_gradtools.callbacks import GradNormLogger
+from keras_gradtools.callbacks import GradientMonitor
+from keras_gradtools.callbacks import GradientProblemError
+from keras_gradtools.data import load_mnist
+from keras_gradtools.diagnose import Finding
+from keras_gradtools.diagnose import Report
+from keras_gradtools.diagnose import diagnose_norms
+from keras_gradtools.models import ResNetBlock
+from keras_gradtools.models import create_deep_linear_model
+from keras_gradtools.models import create_deep_sigmoid_model
+from keras_gradtools.models import resnet_model
 from keras_gradtools.norms import gradient_norm
 from keras_gradtools.norms import gradient_norms
 from keras_gradtools.norms import global_norm
@@ -15,7 +25,17 @@ from keras_gradtools.recorder import loss_scale_of
 __version__ = "0.1.0"
 
 __all__ = [
+    "Finding",
     "GradNormLogger",
+    "GradientMonitor",
+    "GradientProblemError",
+    "Report",
+    "ResNetBlock",
+    "create_deep_linear_model",
+    "create_deep_sigmoid_model",
+    "diagnose_norms",
+    "load_mnist",
+    "resnet_model",
     "GradNormModel",
     "GradNormRecorder",
     "compute_weight_gradient_norms",

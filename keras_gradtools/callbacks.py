@@ -283,3 +283,190 @@ def _json_float(value):
     if np.isfinite(value):
         return value
     return "nan" if np.isnan(value) else ("inf" if value > 0 else "-inf")
+
+
+class GradientProblemError(RuntimeError):
+    """Raised by `GradientMonitor` for a finding whose action is `"raise"`.
+
+    Attributes:
+        finding: the `keras_gradtools.diagnose.Finding`.
+    """
+
+    def __init__(self, finding):
+        super().__init__(str(finding))
+        self.finding = finding
+
+
+_ACTIONS = ("warn", "stop", "raise", "ignore")
+DEFAULT_ACTIONS = {
+    "vanishing": "warn",
+    "exploding": "warn",
+    "dead_layer": "warn",
+    "nonfinite": "stop",
+    "clipped_spike": "ignore",
+}
+
+
+class GradientMonitor(keras.callbacks.Callback):
+    """Judges gradient norms while training: vanishing, exploding, NaN/Inf.
+
+    The monitor runs the rules of `keras_gradtools.diagnose` (each a pure
+    function, see there for what fires and the default thresholds) over the
+    norms as they are recorded, every `check_every` steps, and keeps the
+    findings: kind, first step and epoch, the variables involved (input to
+    output), the evidence, and the fixes to try. `report()` returns them;
+    `str(monitor.report())` is the text a person reads.
+
+    It reads the recording of the `GradNormLogger` given as `logger`
+    (nothing is recorded twice; the logger is made to flush at least every
+    `check_every` steps), or, alone, records with a logger of its own
+    (`monitor.logger`).
+
+    Actions per kind: `"warn"` prints the finding once; `"stop"` prints it
+    and sets `model.stop_training` (training ends after the current step;
+    everything recorded so far is kept and the logger's files are written
+    as usual); `"raise"` raises `GradientProblemError` carrying the finding;
+    `"ignore"` only keeps it in the report. Defaults: warn for `vanishing`,
+    `exploding` and `dead_layer`, stop for `nonfinite`, ignore for
+    `clipped_spike` (a spike that the optimizer's clipping absorbed).
+
+    Args:
+        logger: the `GradNormLogger` to read, or `None` for one of its own.
+            Defaults to `None`.
+        actions: per-kind overrides of the actions. Defaults to `None`.
+        thresholds: per-rule overrides of the thresholds, e.g.
+            `{"vanishing": {"ratio": 1e-4, "patience": 100}}`. Defaults to
+            `None`.
+        check_every: steps between checks. Defaults to `50`.
+        verbose: print findings as they are found (0 or 1). Defaults to `1`.
+
+    Example:
+
+    >>> import keras, numpy as np
+    >>> from keras_gradtools import create_deep_sigmoid_model
+    >>> keras.utils.set_random_seed(0)
+    >>> model = create_deep_sigmoid_model(num_layers=10, units=32, input_dim=8)
+    >>> model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    >>> monitor = GradientMonitor(check_every=20, verbose=0)
+    >>> x, y = np.random.rand(640, 8), np.random.randint(0, 10, 640)
+    >>> _ = model.fit(x, y, batch_size=8, epochs=1, callbacks=[monitor], verbose=0)
+    >>> finding = monitor.report().first("vanishing")
+    >>> finding.layers[0], finding.step
+    ('deep_sigmoid/dense_0/kernel', 0)
+    """
+
+    def __init__(self, logger=None, actions=None, thresholds=None, check_every=50,
+                 verbose=1):
+        super().__init__()
+        if not isinstance(check_every, int) or check_every < 1:
+            raise ValueError(
+                "`check_every` must be a positive integer. "
+                f"Received: check_every={check_every}"
+            )
+        if logger is not None and not isinstance(logger, GradNormLogger):
+            raise ValueError(
+                "`logger` must be a GradNormLogger or None. "
+                f"Received: logger={logger!r}"
+            )
+        actions = dict(actions or {})
+        from keras_gradtools import diagnose
+
+        for kind, action in actions.items():
+            if kind not in diagnose.KINDS:
+                raise ValueError(
+                    f"Unknown finding kind in `actions`; the kinds are "
+                    f"{', '.join(diagnose.KINDS)}. Received: actions={actions!r}"
+                )
+            if action not in _ACTIONS:
+                raise ValueError(
+                    f"Unknown action for {kind!r}; use one of {', '.join(_ACTIONS)}. "
+                    f"Received: actions={actions!r}"
+                )
+        diagnose.Diagnoser([], thresholds=thresholds)  # validates the rule names
+        self.actions = {**DEFAULT_ACTIONS, **actions}
+        self.thresholds = thresholds
+        self.check_every = check_every
+        self.verbose = verbose
+        self.logger = logger
+        self._owns_logger = logger is None
+        self.diagnoser = None
+        self._announced = set()
+
+    # The monitor is a reader of the logger's flushes.
+    def _on_rows(self, first_step, rows):
+        from keras_gradtools import diagnose
+
+        if self.diagnoser is None:
+            self.diagnoser = diagnose.Diagnoser(
+                self.logger.keys, thresholds=self.thresholds,
+                clipping=diagnose.describe_clipping(self.model.optimizer),
+            )
+        for finding in self.diagnoser.feed(first_step, rows):
+            finding.epoch = diagnose.epoch_of_step(
+                finding.step, self.logger.epoch_end_steps
+            )
+            self._act(finding)
+
+    def _act(self, finding):
+        action = self.actions.get(finding.kind, "warn")
+        if action == "ignore":
+            return
+        if action == "raise":
+            raise GradientProblemError(finding)
+        if finding.kind not in self._announced and self.verbose:
+            self._announced.add(finding.kind)
+            verb = "stopping training" if action == "stop" else "warning"
+            print(f"\nGradientMonitor ({verb}): {finding}", flush=True)
+        if action == "stop":
+            self.model.stop_training = True
+
+    def report(self):
+        """The findings so far, as a `keras_gradtools.diagnose.Report`."""
+        from keras_gradtools import diagnose
+
+        if self.diagnoser is None:
+            return diagnose.Report(findings=[], steps=0,
+                                   keys=self.logger.keys if self.logger else [])
+        return self.diagnoser.report(self.logger.epoch_end_steps)
+
+    # ------------------------------------------------------------------
+
+    def set_model(self, model):
+        super().set_model(model)
+        if self._owns_logger and self.logger is not None:
+            self.logger.set_model(model)
+
+    def set_params(self, params):
+        super().set_params(params)
+        if self._owns_logger and self.logger is not None:
+            self.logger.set_params(params)
+
+    def on_train_begin(self, logs=None):
+        self.diagnoser = None
+        self._announced = set()
+        if self._owns_logger:
+            if self.logger is None:
+                self.logger = GradNormLogger(flush_every=self.check_every)
+                self.logger.set_model(self.model)
+                self.logger.set_params(self.params)
+            self.logger.on_train_begin(logs)
+        else:
+            self.logger.flush_every = min(self.logger.flush_every, self.check_every)
+        self.logger._add_reader(self._on_rows)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self._owns_logger:
+            self.logger.on_train_batch_begin(batch, logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self._owns_logger:
+            self.logger.on_epoch_end(epoch, logs)
+
+    def on_train_end(self, logs=None):
+        try:
+            if self._owns_logger:
+                self.logger.on_train_end(logs)
+            else:
+                self.logger.flush()
+        finally:
+            self.logger._remove_reader(self._on_rows)

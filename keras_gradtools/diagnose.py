@@ -1,0 +1,616 @@
+"""Rules that judge recorded gradient norms: findings with evidence and fixes.
+
+Each rule is a pure function over a block of per-step norms
+`(steps, variables)`, with its state made explicit so that it can be fed
+the series piece by piece while training runs (`GradientMonitor`) or whole
+afterwards (`diagnose_norms`, `gradtools diagnose`), with the same result:
+
+    findings, state = rule(rows, keys, first_step, state=state, **thresholds)
+
+Rules and their defaults:
+
+- `vanishing_rule`: a layer's norm below `ratio` (1e-3) of the output
+  layer's (the last recorded variable), or below the absolute `floor`
+  (1e-7), for `patience` (50) consecutive steps.
+- `exploding_rule`: a spike of the global norm, or of a layer's, against its
+  own recent history: on the log scale, an exponential moving average
+  (`alpha` 0.97) of mean and variance; a step whose z-score exceeds
+  `zscore` (3.0) *and* whose norm is at least `ratio` (10) times the moving
+  average, after `warmup` (100) steps; or any norm above the absolute
+  `ceiling` (1e6). When the optimizer clips, spikes are reported as
+  `clipped_spike` (absorbed by the clipping), not `exploding`.
+- `nonfinite_rule`: any NaN or Inf norm, naming the first variable from the
+  input side.
+- `dead_layer_rule`: a variable whose gradient is exactly zero for
+  `patience` (50) consecutive steps.
+
+Findings carry 0-based `step` (the first step the condition held, counted
+from the start of `fit()`), `detected_step` (when the rule could tell), a
+1-based `epoch` (as Keras prints it), the variables involved ordered input
+to output, the `evidence` (the numbers and the thresholds), and `fixes`.
+"""
+
+import dataclasses
+import json
+
+import numpy as np
+
+KINDS = ("nonfinite", "exploding", "vanishing", "dead_layer", "clipped_spike")
+FAILURE_KINDS = ("nonfinite", "exploding", "vanishing", "dead_layer")
+
+DEFAULTS = {
+    "vanishing": {"ratio": 1e-3, "floor": 1e-7, "patience": 50},
+    "exploding": {"alpha": 0.97, "zscore": 3.0, "ratio": 10.0, "warmup": 100,
+                  "ceiling": 1e6},
+    "dead_layer": {"patience": 50},
+}
+
+
+@dataclasses.dataclass
+class Finding:
+    """One problem found in the gradient norms.
+
+    Attributes:
+        kind: `vanishing`, `exploding`, `nonfinite`, `dead_layer` or
+            `clipped_spike`.
+        step: the first step (0-based, from the start of `fit()`) at which
+            the condition held.
+        detected_step: the step at which the rule could tell.
+        epoch: the 1-based epoch of `step`, or `None` if unknown.
+        layers: the variables involved (`variable.path`), input to output.
+        evidence: the numbers that tripped the rule, with its thresholds.
+        fixes: suggested remedies, worded for a user.
+        message: a one-sentence summary.
+    """
+
+    kind: str
+    step: int
+    detected_step: int
+    layers: list
+    evidence: dict
+    fixes: list
+    message: str
+    epoch: int = None
+
+    def to_dict(self):
+        """The finding as JSON-ready data."""
+        return _jsonable(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data):
+        """The inverse of `to_dict`."""
+        return cls(**data)
+
+    def __str__(self):
+        where = f"step {self.step}" + (f" (epoch {self.epoch})" if self.epoch else "")
+        text = f"[{self.kind}] from {where}, detected at step {self.detected_step}: {self.message}"
+        if self.fixes:
+            text += "\n  What to do:\n" + "\n".join(f"  - {fix}" for fix in self.fixes)
+        return text
+
+
+@dataclasses.dataclass
+class Report:
+    """The findings of a run, first step first.
+
+    `str(report)` is the text a person reads, one paragraph per finding;
+    `report.to_dict()` / `report.to_json()` the machine-readable form.
+    """
+
+    findings: list
+    steps: int = 0
+    keys: list = dataclasses.field(default_factory=list)
+
+    def kinds(self):
+        """The set of kinds found."""
+        return {f.kind for f in self.findings}
+
+    def first(self, kind):
+        """The first finding of `kind`, or `None`."""
+        for finding in self.findings:
+            if finding.kind == kind:
+                return finding
+        return None
+
+    def to_dict(self):
+        return {
+            "steps": int(self.steps),
+            "keys": list(self.keys),
+            "healthy": not any(f.kind in FAILURE_KINDS for f in self.findings),
+            "findings": [f.to_dict() for f in self.findings],
+        }
+
+    def to_json(self, **kwargs):
+        return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_dict(cls, data):
+        return cls(
+            findings=[Finding.from_dict(f) for f in data.get("findings", [])],
+            steps=data.get("steps", 0), keys=data.get("keys", []),
+        )
+
+    def __str__(self):
+        head = f"Gradient report over {self.steps} steps, {len(self.keys)} variables: "
+        if not self.findings:
+            return head + "no vanishing, exploding or non-finite gradients found."
+        failures = [f for f in self.findings if f.kind in FAILURE_KINDS]
+        head += (f"{len(failures)} problem(s) found." if failures
+                 else "healthy; notes below.")
+        return head + "\n\n" + "\n\n".join(str(f) for f in self.findings)
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        if np.isfinite(value):
+            return value
+        return "nan" if np.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value
+
+
+def _short(key):
+    return "/".join(key.split("/")[-2:])
+
+
+def _span(layers):
+    if len(layers) <= 3:
+        return ", ".join(_short(k) for k in layers)
+    return f"{_short(layers[0])} ... {_short(layers[-1])} ({len(layers)} variables)"
+
+
+# ---------------------------------------------------------------------------
+# Rules
+# ---------------------------------------------------------------------------
+
+
+def nonfinite_rule(rows, keys, first_step=0, state=None):
+    """Finds the first step with a NaN or Inf gradient norm.
+
+    Args:
+        rows: `(steps, len(keys))` norms.
+        keys: the variables' keys, input to output.
+        first_step: the step number of `rows[0]`. Defaults to `0`.
+        state: the state returned by the previous call, or `None`.
+
+    Returns:
+        `(findings, state)`; at most one finding per run.
+
+    Example:
+
+    >>> rows = np.array([[1.0, 2.0], [np.nan, np.inf]])
+    >>> findings, _ = nonfinite_rule(rows, ["a/kernel", "b/kernel"])
+    >>> findings[0].step, findings[0].layers
+    (1, ['a/kernel', 'b/kernel'])
+    """
+    state = dict(state or {"fired": False})
+    rows = np.asarray(rows, dtype=float)
+    if state["fired"] or not rows.size:
+        return [], state
+    bad = ~np.isfinite(rows)
+    hit = np.flatnonzero(bad.any(axis=1))
+    if not hit.size:
+        return [], state
+    i = int(hit[0])
+    step = first_step + i
+    layers = [k for k, b in zip(keys, bad[i]) if b]
+    state["fired"] = True
+    first = layers[0]
+    value = rows[i, keys.index(first)]
+    return [Finding(
+        kind="nonfinite", step=step, detected_step=step, layers=layers,
+        evidence={"first_layer": first, "value": float(value),
+                  "nonfinite_layers": len(layers), "of_layers": len(keys)},
+        message=(f"the gradient of {first} is {value} at step {step}"
+                 + (f", and {len(layers) - 1} more variable(s) with it" if len(layers) > 1 else "")
+                 + "; the optimizer is applying non-finite updates."),
+        fixes=[
+            "If every variable turned non-finite at once, look at the data first: a NaN "
+            "or Inf in one batch does this (check `np.isfinite(x).all()` and the labels).",
+            f"If it starts in {_short(first)} alone, lower the learning rate (10x), or clip "
+            "gradients (`keras.optimizers.Adam(clipnorm=1.0)`).",
+            "With float16, use `keras.mixed_precision.set_global_policy('mixed_float16')` "
+            "so that Keras scales the loss (its loss-scale optimizer skips overflowing steps).",
+        ],
+    )], state
+
+
+def vanishing_rule(rows, keys, first_step=0, state=None, ratio=1e-3, floor=1e-7,
+                   patience=50):
+    """Finds layers whose gradient is a tiny fraction of the output layer's.
+
+    At each step a variable is "starved" when its norm is below `ratio`
+    times the last variable's (the output layer, the reference) or below
+    the absolute `floor`; exact zeros are left to `dead_layer_rule`. The
+    rule fires when some variable has been starved for `patience`
+    consecutive steps; the finding names every variable starved then.
+
+    Args:
+        rows: `(steps, len(keys))` norms.
+        keys: the variables' keys, input to output; the last is the
+            reference.
+        first_step: the step number of `rows[0]`. Defaults to `0`.
+        state: the state returned by the previous call, or `None`.
+        ratio: relative threshold. Defaults to `1e-3`.
+        floor: absolute threshold. Defaults to `1e-7`.
+        patience: consecutive steps. Defaults to `50`.
+
+    Returns:
+        `(findings, state)`; at most one finding per run.
+
+    Example:
+
+    >>> rows = np.tile([1e-5, 1e-2, 1.0], (3, 1))
+    >>> findings, _ = vanishing_rule(rows, ["in/kernel", "mid/kernel", "out/kernel"],
+    ...                              patience=3)
+    >>> findings[0].layers, findings[0].detected_step
+    (['in/kernel'], 2)
+    """
+    rows = np.asarray(rows, dtype=float)
+    n = len(keys)
+    state = dict(state or {"run": np.zeros(n, int), "fired": False,
+                           "tail": np.zeros((0, n))})
+    state["run"] = np.array(state["run"], int)
+    findings = []
+    if n < 1 or not rows.size:
+        return findings, state
+    # The last `patience` rows of earlier blocks: the evidence window may
+    # reach back into them.
+    past = np.concatenate([np.asarray(state["tail"], float).reshape(-1, n), rows])
+    offset = len(past) - len(rows)
+    state["tail"] = past[-patience:]
+    reference = rows[:, -1:]
+    with np.errstate(all="ignore"):
+        rel = rows / reference
+    starved = np.zeros_like(rows, dtype=bool)
+    starved[:, :-1] = rel[:, :-1] < ratio
+    starved |= rows < floor
+    starved &= rows > 0
+    starved &= np.isfinite(rows)
+    for i in range(len(rows)):
+        run = np.where(starved[i], state["run"] + 1, 0)
+        state["run"] = run
+        if state["fired"] or run.max() < patience:
+            continue
+        state["fired"] = True
+        step = first_step + i
+        layers = [k for k, r in zip(keys, run) if r >= patience]
+        window = past[offset + i - patience + 1:offset + i + 1]
+        idx = [keys.index(k) for k in layers]
+        median = np.median(window[:, idx], axis=0)
+        ref = float(np.median(window[:, -1]))
+        worst = float(np.min(median / ref)) if ref > 0 else float("nan")
+        findings.append(Finding(
+            kind="vanishing", step=step - patience + 1, detected_step=step,
+            layers=layers,
+            evidence={
+                "reference_layer": keys[-1], "reference_norm": ref,
+                "layer_norms": {k: float(m) for k, m in zip(layers, median)},
+                "smallest_ratio": worst, "ratio_threshold": ratio,
+                "floor": floor, "patience": patience,
+            },
+            message=(f"{_span(layers)} get(s) gradients down to {worst:.2g} times the output "
+                     f"layer's ({_short(keys[-1])}: {ref:.3g}), below {ratio:g} for "
+                     f"{patience} steps: the early layers barely learn."),
+            fixes=[
+                "Use ReLU with He initialization instead of sigmoid/tanh "
+                "(`create_deep_sigmoid_model(activation='relu', kernel_initializer='he_normal')`).",
+                "Add batch normalization after the hidden layers (`batch_norm=True`).",
+                "Add residual connections (`ResNetBlock`, `resnet_model`), or make the "
+                f"network shallower: {len(layers)} of {n} variables are starved.",
+            ],
+        ))
+    return findings, state
+
+
+def exploding_rule(rows, keys, first_step=0, state=None, alpha=0.97, zscore=3.0,
+                   ratio=10.0, warmup=100, ceiling=1e6, clipping=None):
+    """Finds spikes of the global or a layer's norm against its recent history.
+
+    The global norm and each variable's norm are followed on the log scale
+    by an exponential moving average of mean and variance (weight `alpha`
+    on the past, as ZClip does on the raw scale). A step spikes when, after
+    `warmup` steps, its log norm is more than `zscore` deviations above the
+    mean *and* its norm is at least `ratio` times the average level; or
+    when a norm exceeds `ceiling`. Non-finite steps are left to
+    `nonfinite_rule` and do not enter the averages.
+
+    If `clipping` describes the optimizer's clipping (e.g. `"clipnorm=1.0"`),
+    the spike is absorbed by it and reported as `clipped_spike`, not as a
+    failure.
+
+    Args:
+        rows: `(steps, len(keys))` norms.
+        keys: the variables' keys, input to output.
+        first_step: the step number of `rows[0]`. Defaults to `0`.
+        state: the state returned by the previous call, or `None`.
+        alpha: EMA weight of the past. Defaults to `0.97`.
+        zscore: z-score threshold on the log scale. Defaults to `3.0`.
+        ratio: minimum jump over the average level. Defaults to `10.0`.
+        warmup: steps before spikes are judged. Defaults to `100`.
+        ceiling: absolute ceiling on any norm. Defaults to `1e6`.
+        clipping: a description of the optimizer's clipping, or `None`.
+            Defaults to `None`.
+
+    Returns:
+        `(findings, state)`; at most one finding per run.
+
+    Example:
+
+    >>> rows = np.concatenate([np.full((200, 1), 1.0), [[500.0]]])
+    >>> rows[::2] *= 1.1  # a little noise
+    >>> findings, _ = exploding_rule(rows, ["w/kernel"])
+    >>> findings[0].step
+    200
+    """
+    rows = np.asarray(rows, dtype=float)
+    n = len(keys)
+    if state is None:
+        state = {"seen": 0, "mean": None, "var": np.zeros(n + 1), "fired": False}
+    else:
+        state = dict(state)
+    findings = []
+    if not rows.size:
+        return findings, state
+    with np.errstate(all="ignore"):
+        series = np.concatenate(
+            [np.sqrt(np.sum(np.square(rows), axis=1, keepdims=True)), rows], axis=1
+        )
+        logs = np.log(np.maximum(series, 1e-38))
+    mean = None if state["mean"] is None else np.array(state["mean"], float)
+    var = np.array(state["var"], float)
+    for i in range(len(rows)):
+        x, lx = series[i], logs[i]
+        finite = np.isfinite(x)
+        if not finite.all():
+            continue  # nonfinite_rule's business
+        if mean is None:
+            mean = lx.copy()
+            state["seen"] += 1
+            continue
+        std = np.sqrt(var)
+        with np.errstate(all="ignore"):
+            z = (lx - mean) / np.maximum(std, 1e-12)
+            level = np.exp(mean)
+            jump = x / level
+        spiking = (state["seen"] >= warmup) & (z > zscore) & (jump >= ratio)
+        spiking |= x > ceiling
+        if not state["fired"] and spiking.any():
+            state["fired"] = True
+            step = first_step + i
+            layers = [k for k, s in zip(keys, spiking[1:]) if s]
+            if not layers:  # only the global norm spiked: name the largest growths
+                order = np.argsort(-jump[1:])[:3]
+                layers = [keys[j] for j in sorted(order)]
+            which = "global norm" if spiking[0] else _short(layers[0])
+            j = 0 if spiking[0] else 1 + keys.index(layers[0])
+            by_ceiling = bool(x[j] > ceiling) and not (z[j] > zscore and jump[j] >= ratio)
+            evidence = {
+                "series": "global" if spiking[0] else layers[0],
+                "norm": float(x[j]), "recent_level": float(level[j]),
+                "jump": float(jump[j]), "zscore": float(z[j]),
+                "zscore_threshold": zscore, "ratio_threshold": ratio,
+                "ceiling": ceiling, "alpha": alpha, "warmup": warmup,
+                "global_norm": float(x[0]),
+                "layer_jumps": {k: float(jump[1 + keys.index(k)]) for k in layers},
+            }
+            reason = (f"above the ceiling {ceiling:g}" if by_ceiling else
+                      f"{jump[j]:.3g} times its recent level {level[j]:.3g} (z = {z[j]:.1f})")
+            if clipping:
+                evidence["clipping"] = clipping
+                findings.append(Finding(
+                    kind="clipped_spike", step=step, detected_step=step, layers=layers,
+                    evidence=evidence,
+                    message=(f"the {which} spiked to {x[j]:.3g}, {reason}; the optimizer's "
+                             f"clipping ({clipping}) bounds the update, so this is absorbed, "
+                             "not a failure."),
+                    fixes=["Nothing to do while the loss keeps falling; if such spikes "
+                           "become frequent, lower the learning rate."],
+                ))
+            else:
+                findings.append(Finding(
+                    kind="exploding", step=step, detected_step=step, layers=layers,
+                    evidence=evidence,
+                    message=(f"the {which} jumped to {x[j]:.3g}, {reason}; "
+                             f"{len(layers)} variable(s) grew with it ({_span(layers)})."),
+                    fixes=[
+                        "Clip gradients: `keras.optimizers.Adam(learning_rate=1e-3, "
+                        "clipnorm=1.0)` (per variable) or `global_clipnorm=1.0`; the "
+                        "article's fix. Pick the threshold near the healthy level "
+                        f"({level[0]:.3g} for the global norm here).",
+                        "Lower the learning rate (10x) or add warm-up.",
+                        "Add batch normalization or nonlinear activations: a deep stack "
+                        "of linear layers multiplies the gradient by every weight matrix.",
+                    ],
+                ))
+        # Update the averages with this step (spikes included, as ZClip).
+        d = lx - mean
+        mean = mean + (1 - alpha) * d
+        var = alpha * (var + (1 - alpha) * d * d)
+        state["seen"] += 1
+    state["mean"], state["var"] = mean, var
+    return findings, state
+
+
+def dead_layer_rule(rows, keys, first_step=0, state=None, patience=50):
+    """Finds variables whose gradient is exactly zero for `patience` steps.
+
+    A variable the loss does not reach, a layer behind dead ReLUs, or one
+    cut off by a stop-gradient gets exactly zero: nothing it holds will ever
+    change.
+
+    Args:
+        rows: `(steps, len(keys))` norms.
+        keys: the variables' keys, input to output.
+        first_step: the step number of `rows[0]`. Defaults to `0`.
+        state: the state returned by the previous call, or `None`.
+        patience: consecutive steps. Defaults to `50`.
+
+    Returns:
+        `(findings, state)`; at most one finding per run.
+
+    Example:
+
+    >>> rows = np.array([[0.0, 1.0]] * 4)
+    >>> findings, _ = dead_layer_rule(rows, ["a/kernel", "b/kernel"], patience=4)
+    >>> findings[0].layers
+    ['a/kernel']
+    """
+    rows = np.asarray(rows, dtype=float)
+    n = len(keys)
+    state = dict(state or {"run": np.zeros(n, int), "fired": False})
+    state["run"] = np.array(state["run"], int)
+    findings = []
+    for i in range(len(rows)):
+        run = np.where(rows[i] == 0.0, state["run"] + 1, 0)
+        state["run"] = run
+        if state["fired"] or run.max() < patience:
+            continue
+        state["fired"] = True
+        step = first_step + i
+        layers = [k for k, r in zip(keys, run) if r >= patience]
+        findings.append(Finding(
+            kind="dead_layer", step=step - patience + 1, detected_step=step, layers=layers,
+            evidence={"zero_steps": patience, "patience": patience},
+            message=(f"{_span(layers)} got an exactly zero gradient for {patience} "
+                     "consecutive steps: it does not learn at all."),
+            fixes=[
+                "Check that the layer is connected to the loss (Keras warns 'Gradients do "
+                "not exist for variables').",
+                "If it sits behind ReLUs that output only zeros (dead ReLUs), use LeakyReLU "
+                "or GELU, He initialization, or a lower learning rate.",
+            ],
+        ))
+    return findings, state
+
+
+RULES = {
+    "nonfinite": nonfinite_rule,
+    "exploding": exploding_rule,
+    "vanishing": vanishing_rule,
+    "dead_layer": dead_layer_rule,
+}
+
+
+def epoch_of_step(step, epoch_end_steps):
+    """The 1-based epoch of a 0-based step, from the epochs' end steps.
+
+    Example:
+
+    >>> epoch_of_step(5, [5, 10]), epoch_of_step(4, [5, 10]), epoch_of_step(12, [5, 10])
+    (2, 1, 3)
+    """
+    return int(np.searchsorted(np.asarray(epoch_end_steps), step, side="right")) + 1
+
+
+class Diagnoser:
+    """Runs every rule over norms fed block by block; see `diagnose_norms`.
+
+    Args:
+        keys: the variables' keys, input to output.
+        thresholds: per-rule keyword overrides, e.g.
+            `{"vanishing": {"ratio": 1e-4}}`. Defaults to `None`.
+        clipping: the optimizer's clipping, or `None`. Defaults to `None`.
+        rules: the rule names to run. Defaults to all of `RULES`.
+    """
+
+    def __init__(self, keys, thresholds=None, clipping=None, rules=None):
+        self.keys = list(keys)
+        self.thresholds = {k: dict(v) for k, v in DEFAULTS.items()}
+        for rule, values in (thresholds or {}).items():
+            if rule not in RULES:
+                raise ValueError(
+                    f"Unknown rule in `thresholds`; the rules are {', '.join(RULES)}. "
+                    f"Received: thresholds={thresholds!r}"
+                )
+            self.thresholds.setdefault(rule, {}).update(values)
+        self.clipping = clipping
+        self.rules = list(rules or RULES)
+        self.states = {name: None for name in self.rules}
+        self.steps = 0
+        self.findings = []
+
+    def feed(self, first_step, rows):
+        """Judges the next block of norms; returns the new findings."""
+        new = []
+        for name in self.rules:
+            kwargs = dict(self.thresholds.get(name, {}))
+            if name == "exploding":
+                kwargs["clipping"] = self.clipping
+            found, self.states[name] = RULES[name](
+                rows, self.keys, first_step, state=self.states[name], **kwargs
+            )
+            new.extend(found)
+        self.steps = max(self.steps, first_step + len(rows))
+        new.sort(key=lambda f: (f.step, KINDS.index(f.kind)))
+        self.findings.extend(new)
+        return new
+
+    def report(self, epoch_end_steps=None):
+        """The findings so far as a `Report`, epochs filled in when known."""
+        findings = sorted(self.findings, key=lambda f: (f.step, KINDS.index(f.kind)))
+        if epoch_end_steps is not None:
+            for f in findings:
+                f.epoch = epoch_of_step(f.step, epoch_end_steps)
+        return Report(findings=findings, steps=self.steps, keys=self.keys)
+
+
+def diagnose_norms(norms, keys, epoch_end_steps=None, thresholds=None, clipping=None):
+    """Judges a whole recorded series at once.
+
+    Gives the same findings as `GradientMonitor` does while training, block
+    by block.
+
+    Args:
+        norms: `(steps, len(keys))` per-step norms.
+        keys: the variables' keys, input to output.
+        epoch_end_steps: steps done at each epoch's end, or `None`.
+            Defaults to `None`.
+        thresholds: per-rule keyword overrides. Defaults to `None`.
+        clipping: the optimizer's clipping, or `None`. Defaults to `None`.
+
+    Returns:
+        A `Report`.
+
+    Example:
+
+    >>> norms = np.tile([1e-9, 1e-3, 1.0], (60, 1))
+    >>> report = diagnose_norms(norms, ["a/kernel", "b/kernel", "c/kernel"])
+    >>> [f.kind for f in report.findings], report.findings[0].layers
+    (['vanishing'], ['a/kernel'])
+    """
+    diagnoser = Diagnoser(keys, thresholds=thresholds, clipping=clipping)
+    norms = np.asarray(norms, dtype=float).reshape(-1, len(keys))
+    diagnoser.feed(0, norms)
+    return diagnoser.report(epoch_end_steps)
+
+
+def describe_clipping(optimizer):
+    """A short description of an optimizer's gradient clipping, or `None`.
+
+    Example:
+
+    >>> import keras
+    >>> describe_clipping(keras.optimizers.Adam(clipnorm=1.0))
+    'clipnorm=1'
+    """
+    if optimizer is None:
+        return None
+    inner = getattr(optimizer, "inner_optimizer", None)
+    if inner is not None:
+        return describe_clipping(inner)
+    parts = []
+    for name in ("clipnorm", "clipvalue", "global_clipnorm"):
+        value = getattr(optimizer, name, None)
+        if value is not None:
+            parts.append(f"{name}={value:g}")
+    custom = getattr(optimizer, "gradtools_clipping", None)
+    if custom:
+        parts.append(custom)
+    return ", ".join(parts) or None

@@ -1,0 +1,385 @@
+"""The article's four experiments as data, and one function that runs them.
+
+`run_experiment()` is what the `gradtools reproduce` command, the
+`scripts/reproduce_article.py` script and the notebooks call: it trains one
+case with `GradNormLogger` and writes a run directory:
+
+```
+<out>/<case>-seed<seed>-<NNN>/
+  config.json          the case and the overrides used
+  history.json/.csv    Keras' per-epoch History, grad_norm/* means included
+  grad_norms.csv/.json per-step gradient norms (GradNormLogger.save)
+  summary.json         final accuracy and loss, largest norms, loss jump
+  diagnosis.json       the GradientMonitor's report (findings)
+  accuracy.png, loss_and_grad_norms.png, weight_histogram.png
+```
+
+A run directory is never reused: each run claims a new numbered one.
+"""
+
+import csv
+import dataclasses
+import json
+import os
+import time
+
+import numpy as np
+import keras
+
+from keras_gradtools import data as data_lib
+from keras_gradtools import models as models_lib
+from keras_gradtools import plots
+from keras_gradtools.callbacks import GradNormLogger
+from keras_gradtools.callbacks import GradientMonitor
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One of the article's experiments.
+
+    Args:
+        name: the case's name (`vanishing`, `resnet`, `exploding`, `clipped`).
+        title: one line for people.
+        model: the builder: `deep_sigmoid`, `deep_linear` or `resnet`.
+        optimizer: keyword arguments of `keras.optimizers.Adam`.
+        epochs: epochs. Defaults to `10`.
+        batch_size: batch size. Defaults to `32`.
+        seed: the seed for weights and shuffling. Defaults to `0`.
+    """
+
+    name: str
+    title: str
+    model: str
+    optimizer: dict
+    epochs: int = 10
+    batch_size: int = 32
+    seed: int = 0
+
+    @property
+    def image_input(self):
+        return self.model == "resnet"
+
+
+CASES = {
+    "vanishing": Case(
+        "vanishing", "Deep sigmoid MLP (1 + 10 x 256): gradients vanish",
+        "deep_sigmoid", {"learning_rate": 1e-3},
+    ),
+    "resnet": Case(
+        "resnet", "ResNet (ReLU, He init, batch norm, shortcuts): the fix",
+        "resnet", {"learning_rate": 1e-3},
+    ),
+    "exploding": Case(
+        "exploding", "Deep linear MLP (1 + 20 x 256), Adam: gradients explode",
+        "deep_linear", {"learning_rate": 1e-3},
+    ),
+    "clipped": Case(
+        "clipped", "Deep linear MLP, Adam(clipnorm=1.0): clipping tames it",
+        "deep_linear", {"learning_rate": 1e-3, "clipnorm": 1.0},
+    ),
+}
+
+_BUILDERS = {
+    "deep_sigmoid": models_lib.create_deep_sigmoid_model,
+    "deep_linear": models_lib.create_deep_linear_model,
+    "resnet": models_lib.resnet_model,
+}
+
+
+def get_case(name):
+    """Returns the `Case` called `name`.
+
+    Args:
+        name: one of `CASES`.
+
+    Returns:
+        The `Case`.
+
+    Raises:
+        ValueError: for an unknown name, listing the known ones.
+    """
+    if name not in CASES:
+        raise ValueError(
+            f"Unknown case. Choose one of {', '.join(CASES)}. Received: case={name!r}"
+        )
+    return CASES[name]
+
+
+def claim_run_dir(out_dir, prefix):
+    """Creates and returns a new, empty run directory `out_dir/prefix-NNN`.
+
+    The number is the smallest not yet taken; creation is atomic, so two
+    runs started at once never share a directory and nothing is overwritten.
+
+    Args:
+        out_dir: the parent directory (created if missing).
+        prefix: the run's name before the number.
+
+    Returns:
+        The new directory's path.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    n = 1
+    while True:
+        path = os.path.join(out_dir, f"{prefix}-{n:03d}")
+        try:
+            os.makedirs(path)
+            return path
+        except FileExistsError:
+            n += 1
+
+
+def kernel_keys(keys):
+    """The keys that are kernels (weight matrices of Dense/Conv layers)."""
+    return [k for k in keys if k.split("/")[-1] == "kernel"]
+
+
+def summarize(history, norms, keys, epoch_end_steps):
+    """The numbers the article reports, from a finished run.
+
+    Args:
+        history: Keras' `History.history`.
+        norms: `(steps, len(keys))` per-step norms.
+        keys: the recorded variables' keys.
+        epoch_end_steps: steps done at each epoch's end.
+
+    Returns:
+        A dict: `final_accuracy`, `final_loss`, `epoch_max_kernel_norm` (the
+        largest per-step kernel-gradient norm in each epoch),
+        `max_kernel_norm` and the 1-based epoch where it occurred, and
+        `loss_jump` (the largest epoch-over-epoch loss ratio, its 1-based
+        epoch, `None` for a single epoch).
+    """
+    norms = np.asarray(norms, dtype=float)
+    kernels = [keys.index(k) for k in kernel_keys(keys)]
+    epoch_max = []
+    start = 0
+    for end in epoch_end_steps:
+        block = norms[start:end][:, kernels] if kernels else np.zeros((0, 0))
+        epoch_max.append(float(np.nanmax(block)) if block.size and not np.all(np.isnan(block)) else float("nan"))
+        start = end
+    loss = [float(v) for v in history.get("loss", [])]
+    jump = None
+    if len(loss) > 1:
+        with np.errstate(all="ignore"):
+            ratios = np.asarray(loss[1:]) / np.asarray(loss[:-1])
+        i = int(np.nanargmax(ratios)) if not np.all(np.isnan(ratios)) else 0
+        jump = {"epoch": i + 2, "ratio": float(ratios[i]),
+                "from": loss[i], "to": loss[i + 1]}
+    finite = [v for v in epoch_max if np.isfinite(v)]
+    max_norm = max(finite) if finite else float("nan")
+    return {
+        "final_accuracy": float(history["accuracy"][-1]) if history.get("accuracy") else None,
+        "final_loss": loss[-1] if loss else None,
+        "epoch_accuracy": [float(v) for v in history.get("accuracy", [])],
+        "epoch_loss": loss,
+        "epoch_max_kernel_norm": epoch_max,
+        "max_kernel_norm": max_norm,
+        "max_kernel_norm_epoch": (epoch_max.index(max_norm) + 1) if finite else None,
+        "loss_jump": jump,
+    }
+
+
+def _write_history(run_dir, history):
+    with open(os.path.join(run_dir, "history.json"), "x") as f:
+        json.dump(history, f, indent=1)
+    keys = list(history)
+    n = max((len(v) for v in history.values()), default=0)
+    with open(os.path.join(run_dir, "history.csv"), "x", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["epoch"] + keys)
+        for i in range(n):
+            writer.writerow([i + 1] + [history[k][i] if i < len(history[k]) else "" for k in keys])
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    raise TypeError(f"not JSON serializable: {value!r}")
+
+
+def build_case(case, optimizer=None):
+    """Builds and compiles the model of a case (after seeding).
+
+    Args:
+        case: a `Case`.
+        optimizer: a Keras optimizer to use instead of the case's Adam.
+            Defaults to `None`.
+
+    Returns:
+        The compiled model.
+    """
+    model = _BUILDERS[case.model]()
+    if optimizer is None:
+        optimizer = keras.optimizers.Adam(**case.optimizer)
+    model.compile(
+        optimizer=optimizer, loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    return model
+
+
+def run_experiment(
+    case,
+    epochs=None,
+    batch_size=None,
+    seed=None,
+    subset=None,
+    out_dir="runs",
+    data_source="bundled",
+    optimizer=None,
+    callbacks=(),
+    verbose="auto",
+    write_figures=True,
+    monitor=True,
+    data=None,
+):
+    """Trains one of the article's cases with `GradNormLogger` and saves the run.
+
+    Args:
+        case: a `Case` or its name.
+        epochs: overrides the case's epochs. Defaults to `None`.
+        batch_size: overrides the case's batch size. Defaults to `None`.
+        seed: overrides the case's seed. Defaults to `None`.
+        subset: train on the first `subset` samples only. Defaults to
+            `None` (all 60,000).
+        out_dir: parent of the run directory, or `None` to write nothing.
+            Defaults to `"runs"`.
+        data_source: passed to `load_mnist`. Defaults to `"bundled"`.
+        optimizer: a Keras optimizer replacing the case's. Defaults to
+            `None`.
+        callbacks: more callbacks for `fit()`. Defaults to `()`.
+        monitor: judge the norms with a `GradientMonitor` (default actions)
+            fed by the run's logger; its report goes to `diagnosis.json`
+            and into the result as `report`. Pass a `GradientMonitor` to
+            choose its settings (its logger is replaced by the run's).
+            Defaults to `True`.
+        data: `(x, y)` training arrays to use instead of MNIST (shaped for
+            the case's model). Defaults to `None`.
+        verbose: Keras' `verbose` for `fit()`. Defaults to `"auto"`.
+        write_figures: save the figures into the run directory. Defaults to
+            `True`.
+
+    Returns:
+        A dict: `case`, `run_dir`, `config`, `summary`, `history`, `logger`,
+        `model` and `report` (the monitor's, or `None`).
+
+    Raises:
+        ValueError: for an unknown case or a non-positive epochs, batch size
+            or subset.
+    """
+    if isinstance(case, str):
+        case = get_case(case)
+    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("subset", subset)):
+        if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
+            raise ValueError(
+                f"`{name}` must be a positive integer. Received: {name}={value!r}"
+            )
+    case = dataclasses.replace(
+        case,
+        epochs=epochs or case.epochs,
+        batch_size=batch_size or case.batch_size,
+        seed=case.seed if seed is None else seed,
+    )
+    if data is None:
+        (x, y), _ = data_lib.load_mnist(
+            data_source, flatten=not case.image_input, subset=subset
+        )
+    else:
+        x, y = data
+        if subset is not None:
+            x, y = x[:subset], y[:subset]
+    keras.utils.set_random_seed(case.seed)
+    model = build_case(case, optimizer)
+    config = dataclasses.asdict(case)
+    config.update(
+        subset=subset, samples=int(len(x)),
+        optimizer_config=keras.optimizers.serialize(model.optimizer),
+        keras_version=keras.__version__,
+    )
+    run_dir = None
+    if out_dir is not None:
+        run_dir = claim_run_dir(out_dir, f"{case.name}-seed{case.seed}")
+        with open(os.path.join(run_dir, "config.json"), "x") as f:
+            json.dump(config, f, indent=1, default=_json_default)
+
+    logger = GradNormLogger()
+    run_callbacks = [logger]
+    if monitor is True:
+        monitor = GradientMonitor(logger=logger)
+    if monitor:
+        monitor.logger, monitor._owns_logger = logger, False
+        run_callbacks.append(monitor)
+    start = time.perf_counter()
+    finished = False
+    try:
+        fit = model.fit(
+            x, y, epochs=case.epochs, batch_size=case.batch_size,
+            callbacks=run_callbacks + list(callbacks), verbose=verbose,
+        )
+        history = fit.history
+        finished = True
+    finally:
+        wall = time.perf_counter() - start
+        # Whatever happened (a monitor stopping or raising, an interrupt),
+        # what was recorded reaches the disk.
+        if run_dir is not None and logger.recorder is not None:
+            logger.save(os.path.join(run_dir, "grad_norms.csv"))
+            logger.save(os.path.join(run_dir, "grad_norms.json"))
+            if monitor:
+                with open(os.path.join(run_dir, "diagnosis.json"), "x") as f:
+                    f.write(monitor.report().to_json(indent=1))
+            if not finished and getattr(model, "history", None) is not None:
+                _write_history(run_dir, {k: [float(v) for v in vals]
+                                         for k, vals in model.history.history.items()})
+    history = {k: [float(v) for v in vals] for k, vals in history.items()}
+    summary = summarize(history, logger.norms, logger.keys, logger.epoch_end_steps)
+    summary.update(case=case.name, wall_time_s=wall,
+                   steps=int(len(logger.norms)),
+                   step_time_ms=1e3 * wall / max(len(logger.norms), 1))
+    if run_dir is not None:
+        _write_history(run_dir, history)
+        with open(os.path.join(run_dir, "summary.json"), "x") as f:
+            json.dump(summary, f, indent=1, default=_json_default)
+        if write_figures:
+            plots.accuracy_curve(history, title=case.title,
+                                 path=os.path.join(run_dir, "accuracy.png"))
+            plots.loss_and_grad_norms(history, title=case.title,
+                                      path=os.path.join(run_dir, "loss_and_grad_norms.png"))
+            plots.weight_histogram(model, title=f"{case.title}: weights after training",
+                                   path=os.path.join(run_dir, "weight_histogram.png"))
+    return {
+        "case": case, "run_dir": run_dir, "config": config, "summary": summary,
+        "history": history, "logger": logger, "model": model,
+        "report": monitor.report() if monitor else None,
+    }
+
+
+def format_table(results):
+    """The per-case table the script prints.
+
+    Args:
+        results: a list of `run_experiment` results.
+
+    Returns:
+        The table, a string.
+    """
+    header = (f"{'case':<10} {'epochs':>6} {'train acc':>9} {'loss':>8} "
+              f"{'max kernel |g|':>14} {'at epoch':>8} {'loss jump':>22} {'time':>8}")
+    lines = [header, "-" * len(header)]
+    for r in results:
+        s = r["summary"]
+        jump = s["loss_jump"]
+        jump_text = "-"
+        if jump and jump["ratio"] >= 2.0:
+            jump_text = f"epoch {jump['epoch']}: x{jump['ratio']:.1f}"
+        elif jump:
+            jump_text = f"none (max x{jump['ratio']:.2f})"
+        acc = s["final_accuracy"]
+        lines.append(
+            f"{r['case'].name:<10} {len(s['epoch_loss']):>6} "
+            f"{acc if acc is not None else float('nan'):>9.4f} {s['final_loss']:>8.4f} "
+            f"{s['max_kernel_norm']:>14.4g} {str(s['max_kernel_norm_epoch']):>8} "
+            f"{jump_text:>22} {s['wall_time_s']:>7.0f}s"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,180 @@
+"""Benchmark: the per-step cost of keras_gradtools against plain `fit()`.
+
+Baseline and candidates run in one process, interleaved, on the same model,
+for `--reps` repetitions; each run is timed from its second step (the first
+traces the train function) to the end of the epoch, with a callback that
+uses only batch-*begin* hooks so that timing itself adds no host sync. The
+script prints the median step-time ratio candidate/baseline with its min and
+max, and the cost of the article's per-epoch probe
+(`compute_weight_gradient_norms` over all training samples) relative to one
+epoch of training.
+
+Run: `python scripts/bench_overhead.py` (about 5 minutes on 2 CPU cores).
+"""
+
+import os
+import statistics
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import click  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from keras_gradtools import GradNormLogger  # noqa: E402
+from keras_gradtools import compute_weight_gradient_norms  # noqa: E402
+from keras_gradtools.data import load_mnist  # noqa: E402
+from keras_gradtools.models import create_deep_linear_model  # noqa: E402
+
+
+class _StepTimer(keras.callbacks.Callback):
+    """Seconds per step from step `skip` to the end of the epoch."""
+
+    def __init__(self, skip=1):
+        super().__init__()
+        self.skip = skip
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.start, self.steps = None, 0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if batch == self.skip:
+            self.start = time.perf_counter()
+            self.first = batch
+        self.last = batch
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds_per_step = (time.perf_counter() - self.start) / (
+            self.last + 1 - self.first
+        )
+
+
+def _small_cnn():
+    return keras.Sequential(
+        [
+            keras.Input((28, 28, 1)),
+            keras.layers.Conv2D(32, 3, activation="relu", name="conv1"),
+            keras.layers.MaxPooling2D(),
+            keras.layers.Conv2D(64, 3, activation="relu", name="conv2"),
+            keras.layers.MaxPooling2D(),
+            keras.layers.Flatten(),
+            keras.layers.Dense(128, activation="relu", name="fc"),
+            keras.layers.Dense(10, activation="softmax", name="output"),
+        ],
+        name="small_cnn",
+    )
+
+
+def _compile(model):
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    return model
+
+
+CANDIDATES = {
+    "logger": lambda: [GradNormLogger()],
+}
+
+MODELS = {
+    # name: (builder, flatten inputs, batch size)
+    "deep_linear": (create_deep_linear_model, True, 32),
+    "small_cnn": (_small_cnn, False, 128),
+}
+
+
+def _time_fit(model, x, y, batch_size, callbacks):
+    timer = _StepTimer()
+    model.fit(
+        x, y, batch_size=batch_size, epochs=1, verbose=0, shuffle=False,
+        callbacks=list(callbacks) + [timer],
+    )
+    return timer.seconds_per_step
+
+
+def bench_model(name, steps, reps, candidates):
+    build, flatten, batch_size = MODELS[name]
+    (x, y), _ = load_mnist(flatten=flatten, subset=steps * batch_size)
+    keras.utils.set_random_seed(0)
+    model = _compile(build())
+    _time_fit(model, x, y, batch_size, [])  # warm-up: trace the plain function
+    times = {"plain": []}
+    times.update({c: [] for c in candidates})
+    for _ in range(reps):
+        times["plain"].append(_time_fit(model, x, y, batch_size, []))
+        for c in candidates:
+            times[c].append(_time_fit(model, x, y, batch_size, CANDIDATES[c]()))
+    base = statistics.median(times["plain"])
+    click.echo(
+        f"\n{name} (batch {batch_size}, {steps} steps x {reps} reps): "
+        f"plain fit {base * 1e3:.2f} ms/step"
+    )
+    click.echo(f"  {'candidate':<28} {'ms/step':>8} {'median':>8} {'min':>7} {'max':>7}")
+    for c in candidates:
+        ratios = [t / b for t, b in zip(times[c], times["plain"])]
+        click.echo(
+            f"  {c:<28} {statistics.median(times[c]) * 1e3:8.2f} "
+            f"{statistics.median(ratios):8.3f} {min(ratios):7.3f} {max(ratios):7.3f}"
+        )
+    return model
+
+
+def bench_probe(samples):
+    (x, y), _ = load_mnist(subset=samples)
+    keras.utils.set_random_seed(0)
+    model = _compile(create_deep_linear_model())
+    model.fit(x[:320], y[:320], batch_size=32, epochs=1, verbose=0)
+    start = time.perf_counter()
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    epoch = time.perf_counter() - start
+    compute_weight_gradient_norms(model, x[:1024], y[:1024])  # trace
+    start = time.perf_counter()
+    compute_weight_gradient_norms(model, x, y)
+    probe = time.perf_counter() - start
+    click.echo(
+        f"\nArticle's per-epoch probe, deep_linear, {samples} samples: "
+        f"{probe:.2f} s vs one epoch of training {epoch:.2f} s "
+        f"= {probe / epoch:.3f} of an epoch"
+    )
+
+
+@click.command()
+@click.option("--models", "model_names", default="deep_linear,small_cnn",
+              show_default=True, help="Comma-separated: deep_linear, small_cnn.")
+@click.option("--candidates", default="logger", show_default=True,
+              help=f"Comma-separated: {', '.join(CANDIDATES)}.")
+@click.option("--steps", default=300, show_default=True, type=click.IntRange(min=20),
+              help="Training steps per timed run.")
+@click.option("--reps", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Interleaved repetitions.")
+@click.option("--probe-samples", default=60000, show_default=True,
+              type=click.IntRange(min=0), help="0 skips the probe benchmark.")
+def main(model_names, candidates, steps, reps, probe_samples):
+    """Per-step overhead of keras_gradtools against plain fit(), interleaved."""
+    names = [m.strip() for m in model_names.split(",") if m.strip()]
+    for name in names:
+        if name not in MODELS:
+            raise click.BadParameter(
+                f"unknown model {name!r}; choose from {', '.join(MODELS)}",
+                param_hint="--models",
+            )
+    chosen = [c.strip() for c in candidates.split(",") if c.strip()]
+    for c in chosen:
+        if c not in CANDIDATES:
+            raise click.BadParameter(
+                f"unknown candidate {c!r}; choose from {', '.join(CANDIDATES)}",
+                param_hint="--candidates",
+            )
+    click.echo(f"keras {keras.__version__}, devices: "
+               f"{[d.name for d in __import__('tensorflow').config.list_logical_devices()]}")
+    for name in names:
+        bench_model(name, steps, reps, chosen)
+    if probe_samples:
+        bench_probe(probe_samples)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""Rules on synthetic series: fire when they should, quiet on healthy noise, edges honoured."""
+
+import numpy as np
+import pytest
+
+from keras_gradtools import diagnose
+from keras_gradtools.diagnose import (
+    Diagnoser, Report, dead_layer_rule, diagnose_norms, exploding_rule,
+    nonfinite_rule, vanishing_rule,
+)
+
+KEYS = ["m/in/kernel", "m/mid/kernel", "m/out/kernel"]
+
+
+def _healthy(steps=2000, seed=0, sigma=0.3):
+    """Log-normal noise around levels 0.3, 0.6, 1.0: what a healthy MLP looks like."""
+    rng = np.random.default_rng(seed)
+    return np.array([0.3, 0.6, 1.0]) * np.exp(rng.normal(0, sigma, size=(steps, 3)))
+
+
+# --- vanishing ---------------------------------------------------------------
+
+
+def test_vanishing_fires_after_patience_and_names_starved_layers():
+    rows = np.tile([1e-6, 5e-4, 1.0], (60, 1))
+    findings, _ = vanishing_rule(rows, KEYS, patience=50)
+    (f,) = findings
+    assert f.kind == "vanishing"
+    assert f.step == 0 and f.detected_step == 49
+    assert f.layers == ["m/in/kernel", "m/mid/kernel"]  # input to output
+    assert f.evidence["smallest_ratio"] == pytest.approx(1e-6)
+    assert any("He initialization" in fix for fix in f.fixes)
+
+
+def test_vanishing_patience_edge():
+    rows = np.tile([1e-6, 0.5, 1.0], (49, 1))
+    assert vanishing_rule(rows, KEYS, patience=50)[0] == []
+    rows = np.tile([1e-6, 0.5, 1.0], (50, 1))
+    assert len(vanishing_rule(rows, KEYS, patience=50)[0]) == 1
+
+
+def test_vanishing_ratio_edge_is_strict():
+    at = np.tile([1e-3, 0.5, 1.0], (100, 1))  # exactly the threshold: not below it
+    assert vanishing_rule(at, KEYS, ratio=1e-3)[0] == []
+    below = np.tile([0.99e-3, 0.5, 1.0], (100, 1))
+    assert len(vanishing_rule(below, KEYS, ratio=1e-3)[0]) == 1
+
+
+def test_vanishing_interrupted_run_resets():
+    rows = np.tile([1e-6, 0.5, 1.0], (100, 1))
+    rows[40] = [0.5, 0.5, 1.0]  # a healthy step breaks the run
+    findings, _ = vanishing_rule(rows, KEYS, patience=50)
+    assert findings[0].step == 41 and findings[0].detected_step == 90
+
+
+def test_vanishing_absolute_floor():
+    rows = np.tile([5e-8, 6e-8, 1e-7 * 0.9], (50, 1))  # all tiny, ratios fine
+    findings, _ = vanishing_rule(rows, KEYS, patience=50, floor=1e-7)
+    assert findings[0].layers == KEYS
+
+
+def test_vanishing_quiet_on_healthy_noise():
+    assert vanishing_rule(_healthy(), KEYS)[0] == []
+
+
+# --- exploding ---------------------------------------------------------------
+
+
+def test_exploding_fires_on_spike_after_warmup():
+    rows = _healthy(300)
+    rows[250] *= 200
+    findings, _ = exploding_rule(rows, KEYS)
+    (f,) = findings
+    assert f.kind == "exploding" and f.step == 250
+    assert f.layers == KEYS
+    assert f.evidence["jump"] >= 10 and f.evidence["zscore"] > 3
+    assert any("clipnorm" in fix for fix in f.fixes)
+
+
+def test_exploding_quiet_on_healthy_noise():
+    for seed in range(5):
+        assert exploding_rule(_healthy(seed=seed), KEYS)[0] == []
+
+
+def test_exploding_ratio_edge():
+    base = np.ones((200, 3))  # no noise: any jump is a huge z-score
+    for factor, fires in ((10.0, True), (9.9, False)):
+        rows = base.copy()
+        rows[150] = [1.0, 1.0, 1.0 * factor]
+        findings, _ = exploding_rule(rows, KEYS, ratio=10.0)
+        layer_hits = [f for f in findings if "m/out/kernel" in f.layers]
+        assert bool(layer_hits) is fires, factor
+
+
+def test_exploding_waits_for_warmup_but_not_the_ceiling():
+    rows = np.ones((200, 3))
+    rows[50] *= 1000
+    assert exploding_rule(rows, KEYS, warmup=100)[0] == []
+    rows[60] = [1.0, 2e6, 1.0]
+    findings, _ = exploding_rule(rows, KEYS, warmup=100, ceiling=1e6)
+    assert findings[0].step == 60 and findings[0].layers == ["m/mid/kernel"]
+
+
+def test_spike_absorbed_by_clipping_is_not_a_failure():
+    rows = _healthy(300)
+    rows[250] *= 200
+    findings, _ = exploding_rule(rows, KEYS, clipping="clipnorm=1")
+    assert [f.kind for f in findings] == ["clipped_spike"]
+    report = diagnose_norms(rows, KEYS, clipping="clipnorm=1")
+    assert report.to_dict()["healthy"] is True
+
+
+# --- nonfinite and dead layers ---------------------------------------------
+
+
+def test_nonfinite_names_first_layer_from_input_side():
+    rows = np.ones((10, 3))
+    rows[6, 1:] = np.nan  # mid and out
+    rows[8:] = np.inf
+    (f,), _ = nonfinite_rule(rows, KEYS)
+    assert f.step == 6 and f.layers == ["m/mid/kernel", "m/out/kernel"]
+    assert f.evidence["first_layer"] == "m/mid/kernel"
+
+
+def test_nonfinite_steps_do_not_poison_the_exploding_average():
+    rows = _healthy(300)
+    rows[200] = np.nan
+    assert exploding_rule(rows, KEYS)[0] == []
+
+
+def test_dead_layer():
+    rows = _healthy(100)
+    rows[:, 1] = 0.0
+    (f,), _ = dead_layer_rule(rows, KEYS, patience=50)
+    assert f.layers == ["m/mid/kernel"] and f.step == 0 and f.detected_step == 49
+    rows[30, 1] = 1e-3
+    assert dead_layer_rule(rows[:79], KEYS, patience=50)[0] == []
+
+
+# --- streaming, reports ------------------------------------------------------
+
+
+def test_feeding_in_blocks_equals_one_go():
+    rows = _healthy(1200, seed=3)
+    rows[:, 0] *= 1e-5
+    rows[900] *= 500
+    rows[1100, 2] = np.nan
+    whole = diagnose_norms(rows, KEYS, epoch_end_steps=[600, 1200])
+    d = Diagnoser(KEYS)
+    cuts = [0, 7, 50, 51, 333, 899, 900, 901, 1200]
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        d.feed(a, rows[a:b])
+    streamed = d.report([600, 1200])
+    assert [f.to_dict() for f in streamed.findings] == [f.to_dict() for f in whole.findings]
+    assert [f.kind for f in whole.findings] == ["vanishing", "exploding", "nonfinite"]
+    assert [f.epoch for f in whole.findings] == [1, 2, 2]
+
+
+def test_report_text_and_json_round_trip():
+    rows = np.tile([1e-6, 0.5, 1.0], (60, 1))
+    report = diagnose_norms(rows, KEYS, epoch_end_steps=[60])
+    text = str(report)
+    assert "1 problem(s) found" in text and "[vanishing] from step 0 (epoch 1)" in text
+    again = Report.from_dict(__import__("json").loads(report.to_json()))
+    assert again.to_dict() == report.to_dict()
+    assert "no vanishing, exploding or non-finite" in str(diagnose_norms(_healthy(100), KEYS))
+
+
+def test_unknown_rule_in_thresholds():
+    with pytest.raises(ValueError, match="Unknown rule"):
+        Diagnoser(KEYS, thresholds={"vanish": {}})
