@@ -102,5 +102,122 @@ def reproduce(**kwargs):
     run_reproduce(**kwargs)
 
 
+def _read_json(path, what):
+    import json
+
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise click.UsageError(f"{what} is missing: no file at {path}") from None
+    except (OSError, ValueError) as e:
+        raise click.UsageError(f"{what} at {path} cannot be read ({e})") from None
+
+
+def load_run(run_dir):
+    """Reads a run directory's recorded norms; a clear error if it is not one."""
+    import numpy as np
+
+    if not os.path.isdir(run_dir):
+        raise click.UsageError(f"{run_dir} is not a directory")
+    norms_path = os.path.join(run_dir, "grad_norms.json")
+    if not os.path.exists(norms_path) and not os.path.exists(
+        os.path.join(run_dir, "config.json")
+    ):
+        raise click.UsageError(
+            f"{run_dir} is not a keras_gradtools run directory (it has neither "
+            "grad_norms.json nor config.json); pass a directory written by "
+            "`gradtools reproduce` or run_experiment()"
+        )
+    data = _read_json(norms_path, "the recorded norms (grad_norms.json)")
+    try:
+        keys = list(data["keys"])
+        norms = np.array([[float(v) for v in row] for row in data["norms"]],
+                         dtype=float).reshape(-1, len(keys))
+        epoch_end_steps = [int(s) for s in data.get("epoch_end_steps", [])]
+    except (KeyError, TypeError, ValueError) as e:
+        raise click.UsageError(
+            f"{norms_path} is not a gradient-norm recording ({e!r})"
+        ) from None
+    config = {}
+    if os.path.exists(os.path.join(run_dir, "config.json")):
+        config = _read_json(os.path.join(run_dir, "config.json"), "config.json")
+    return norms, keys, epoch_end_steps, config
+
+
+def _clipping_of(config):
+    opt = (config.get("optimizer_config") or {}).get("config", {})
+    if opt.get("inner_optimizer"):
+        opt = opt["inner_optimizer"].get("config", {})
+    parts = [f"{k}={opt[k]:g}" for k in ("clipnorm", "clipvalue", "global_clipnorm")
+             if opt.get(k) is not None]
+    if opt.get("clip") not in (None, "none"):
+        parts.append(f"{opt['clip']}")
+    return ", ".join(parts) or None
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def diagnose(run_dir, as_json):
+    """Judge a saved run's recorded gradient norms and print the report."""
+    from keras_gradtools.diagnose import diagnose_norms
+
+    norms, keys, epoch_end_steps, config = load_run(run_dir)
+    report = diagnose_norms(norms, keys, epoch_end_steps, clipping=_clipping_of(config))
+    click.echo(report.to_json(indent=1) if as_json else str(report))
+
+
+@main.command()
+@click.argument("model_path", type=click.Path())
+@click.option("--data", "data_source", default="mnist", show_default=True,
+              help="mnist (the bundled copy), or a path to a keras-style .npz.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def check(model_path, data_source, batch_size, as_json):
+    """Pre-flight check of a saved model: gradient norms at initialization, one batch."""
+    import keras
+
+    from keras_gradtools.data import load_mnist
+    from keras_gradtools.probe import preflight_check
+
+    if not os.path.isfile(model_path):
+        raise click.BadParameter(f"no file at {model_path}", param_hint="MODEL_PATH")
+    try:
+        model = keras.models.load_model(model_path)
+    except Exception as e:  # keras raises many kinds for a bad file
+        raise click.BadParameter(
+            f"{model_path} cannot be loaded as a Keras model ({type(e).__name__}: {e})",
+            param_hint="MODEL_PATH",
+        ) from None
+    if not getattr(model, "compiled", False) or getattr(model, "loss", None) is None:
+        model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+        click.echo("The model was saved without a loss: using "
+                   "sparse_categorical_crossentropy.", err=True)
+    source = "bundled" if data_source == "mnist" else data_source
+    shape = tuple(model.input_shape[1:])
+    if shape not in ((784,), (28, 28, 1)):
+        raise click.UsageError(
+            f"the model takes inputs of shape {shape}; MNIST gives (784,) or (28, 28, 1)"
+        )
+    try:
+        (x, y), _ = load_mnist(source, flatten=shape == (784,),
+                               subset=batch_size)
+    except (FileNotFoundError, ValueError) as e:
+        raise click.BadParameter(str(e), param_hint="--data") from None
+    norms, report = preflight_check(model, x, y, batch_size=batch_size)
+    if as_json:
+        import json
+
+        click.echo(json.dumps({"norms": norms, "report": report.to_dict()}, indent=1))
+        return
+    click.echo(f"Gradient norms at initialization ({model.name}, one batch of {len(x)}):")
+    width = max(len(k) for k in norms)
+    for key, value in norms.items():
+        click.echo(f"  {key:<{width}}  {value:.3e}")
+    click.echo("")
+    click.echo(str(report))
+
+
 if __name__ == "__main__":
     main()

@@ -233,6 +233,7 @@ def run_experiment(
     write_figures=True,
     monitor=True,
     data=None,
+    shuffle=True,
 ):
     """Trains one of the article's cases with `GradNormLogger` and saves the run.
 
@@ -256,6 +257,7 @@ def run_experiment(
             Defaults to `True`.
         data: `(x, y)` training arrays to use instead of MNIST (shaped for
             the case's model). Defaults to `None`.
+        shuffle: shuffle the training data each epoch. Defaults to `True`.
         verbose: Keras' `verbose` for `fit()`. Defaults to `"auto"`.
         write_figures: save the figures into the run directory. Defaults to
             `True`.
@@ -316,6 +318,7 @@ def run_experiment(
         fit = model.fit(
             x, y, epochs=case.epochs, batch_size=case.batch_size,
             callbacks=run_callbacks + list(callbacks), verbose=verbose,
+            shuffle=shuffle,
         )
         history = fit.history
         finished = True

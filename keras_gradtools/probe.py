@@ -103,3 +103,42 @@ def compute_weight_gradient_norms(
     return {
         key: float(np.sqrt(np.sum(np.square(g)))) for key, g in zip(keys, total)
     }
+
+
+def preflight_check(model, x, y, batch_size=256, include_biases=False):
+    """Judges a model's gradients at initialization, from one batch.
+
+    Takes the first `batch_size` samples, computes each variable's gradient
+    norm in training mode (batch normalization uses batch statistics, as in
+    the first training step) and runs the rules of
+    `keras_gradtools.diagnose` on that one step: vanishing (relative to the
+    output layer, or below the floor), exact zeros, NaN/Inf, and norms over
+    the exploding ceiling. A spike against history needs training, so
+    `exploding` here only means "over the ceiling already".
+
+    Args:
+        model: a compiled `keras.Model`.
+        x: inputs (at least one sample).
+        y: targets.
+        batch_size: samples in the batch. Defaults to `256`.
+        include_biases: whether biases are judged too. Defaults to `False`.
+
+    Returns:
+        `(norms, report)`: a dict `variable.path -> norm` and a
+        `keras_gradtools.diagnose.Report`.
+    """
+    from keras_gradtools import diagnose
+
+    xb = tf.nest.map_structure(lambda a: a[:batch_size], x)
+    yb = tf.nest.map_structure(lambda a: a[:batch_size], y)
+    norms = compute_weight_gradient_norms(
+        model, xb, yb, batch_size=batch_size, include_biases=include_biases,
+        training=True,
+    )
+    keys = list(norms)
+    thresholds = {"vanishing": {"patience": 1}, "dead_layer": {"patience": 1},
+                  "exploding": {"warmup": 1}}
+    report = diagnose.diagnose_norms(
+        np.array([[norms[k] for k in keys]]), keys, thresholds=thresholds
+    )
+    return norms, report

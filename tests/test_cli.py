@@ -1,0 +1,111 @@
+"""The gradtools command: reproduce, diagnose, check; user errors exit 2 with a message."""
+
+import json
+import os
+
+import keras
+import pytest
+from click.testing import CliRunner
+
+from keras_gradtools import cli, create_deep_sigmoid_model, resnet_model
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    result = CliRunner().invoke(cli.main, [
+        "reproduce", "--case", "vanishing", "--epochs", "2", "--subset", "1600",
+        "--out", str(out), "--quiet",
+    ])
+    assert result.exit_code == 0, result.output
+    (name,) = os.listdir(out)
+    return str(out / name), result.output
+
+
+def test_reproduce_prints_table_and_writes_run(run_dir):
+    path, output = run_dir
+    assert "case" in output and "train acc" in output
+    assert "vanishing" in output.splitlines()[-1] or any(
+        line.startswith("vanishing ") for line in output.splitlines())
+    assert os.path.basename(path) == "vanishing-seed0-001"
+
+
+def test_reproduce_never_overwrites(run_dir, tmp_path):
+    path, _ = run_dir
+    out = os.path.dirname(path)
+    result = CliRunner().invoke(cli.main, [
+        "reproduce", "--case", "vanishing", "--epochs", "1", "--subset", "64",
+        "--out", out, "--quiet",
+    ])
+    assert result.exit_code == 0, result.output
+    assert sorted(os.listdir(out)) == ["vanishing-seed0-001", "vanishing-seed0-002"]
+
+
+def test_reproduce_unknown_case_is_a_usage_error():
+    result = CliRunner().invoke(cli.main, ["reproduce", "--case", "exploded"])
+    assert result.exit_code == 2
+    assert "unknown case 'exploded'" in result.output
+
+
+def test_reproduce_missing_data_file(tmp_path):
+    result = CliRunner().invoke(cli.main, [
+        "reproduce", "--case", "vanishing", "--data", str(tmp_path / "none.npz")])
+    assert result.exit_code == 2 and "no file at" in result.output
+
+
+def test_diagnose_text_and_json(run_dir):
+    path, _ = run_dir
+    result = CliRunner().invoke(cli.main, ["diagnose", path])
+    assert result.exit_code == 0, result.output
+    assert "[vanishing] from step 0 (epoch 1)" in result.output
+    result = CliRunner().invoke(cli.main, ["diagnose", path, "--json"])
+    data = json.loads(result.output)
+    assert data["healthy"] is False and data["findings"][0]["kind"] == "vanishing"
+    saved = json.load(open(os.path.join(path, "diagnosis.json")))
+    assert data["findings"] == saved["findings"]  # the same report as during training
+
+
+def test_diagnose_rejects_non_runs(tmp_path):
+    result = CliRunner().invoke(cli.main, ["diagnose", str(tmp_path)])
+    assert result.exit_code == 2 and "is not a keras_gradtools run directory" in result.output
+    result = CliRunner().invoke(cli.main, ["diagnose", str(tmp_path / "absent")])
+    assert result.exit_code == 2 and "is not a directory" in result.output
+    (tmp_path / "config.json").write_text("{}")
+    result = CliRunner().invoke(cli.main, ["diagnose", str(tmp_path)])
+    assert result.exit_code == 2 and "grad_norms.json" in result.output and "missing" in result.output
+    (tmp_path / "grad_norms.json").write_text("{not json")
+    result = CliRunner().invoke(cli.main, ["diagnose", str(tmp_path)])
+    assert result.exit_code == 2 and "cannot be read" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_check_calls_sigmoid_vanishing_and_resnet_healthy(tmp_path):
+    keras.utils.set_random_seed(0)
+    sigmoid = create_deep_sigmoid_model()
+    sigmoid.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    sigmoid.save(tmp_path / "sigmoid.keras")
+    result = CliRunner().invoke(cli.main, ["check", str(tmp_path / "sigmoid.keras"),
+                                           "--batch-size", "64"])
+    assert result.exit_code == 0, result.output
+    assert "[vanishing]" in result.output and "dense_0/kernel" in result.output
+
+    resnet = resnet_model(filters=(16, 16, 32), strides=(1, 1, 2))
+    resnet.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    resnet.save(tmp_path / "resnet.keras")
+    result = CliRunner().invoke(cli.main, ["check", str(tmp_path / "resnet.keras"),
+                                           "--batch-size", "64", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["report"]["findings"] == []
+
+
+def test_check_bad_inputs(tmp_path):
+    result = CliRunner().invoke(cli.main, ["check", str(tmp_path / "none.keras")])
+    assert result.exit_code == 2 and "no file at" in result.output
+    (tmp_path / "junk.keras").write_bytes(b"junk")
+    result = CliRunner().invoke(cli.main, ["check", str(tmp_path / "junk.keras")])
+    assert result.exit_code == 2 and "cannot be loaded as a Keras model" in result.output
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(2)])
+    model.compile(optimizer="sgd", loss="mse")
+    model.save(tmp_path / "small.keras")
+    result = CliRunner().invoke(cli.main, ["check", str(tmp_path / "small.keras")])
+    assert result.exit_code == 2 and "(5,)" in result.output
