@@ -93,6 +93,7 @@ class GradNormLogger(keras.callbacks.Callback):
         self.include_biases = include_biases
         self.flush_every = flush_every
         self.recorder = None
+        self.applied_recorder = None
         self.epoch_end_steps = []
         self._restore = None
         self._calls_since_flush = 0
@@ -127,13 +128,34 @@ class GradNormLogger(keras.callbacks.Callback):
         """1-D array: the norm of all recorded gradients together, per step."""
         return norms_lib.global_norm(self.norms) if self.recorder else np.zeros(0)
 
+    @property
+    def applied_history(self):
+        """Dict `key -> 1-D array` of post-clipping norms, or `{}`.
+
+        Filled when the optimizer clips (Keras' `clipnorm`, `clipvalue`,
+        `global_clipnorm`, or a `ClippedOptimizer`): the norms of the
+        gradients the optimizer actually applied, step by step, beside the
+        raw ones in `history`.
+        """
+        if self.applied_recorder is None:
+            return {}
+        return self.applied_recorder.history
+
+    @property
+    def applied_global_norms(self):
+        """1-D array: the global norm after clipping, per step (or empty)."""
+        if self.applied_recorder is None:
+            return np.zeros(0)
+        return norms_lib.global_norm(self.applied_recorder.norms)
+
     def save(self, path):
         """Writes the per-step norms to a `.csv` or `.json` file.
 
         The CSV has a header `step,epoch,global,<key>...` and one row per
         step; the JSON holds `keys`, `epoch_end_steps` and `norms` (a list
         of rows; non-finite values are written as the strings `"nan"`,
-        `"inf"`, `"-inf"`). The file must not exist yet.
+        `"inf"`, `"-inf"`), and `applied_norms` (post-clipping) when the
+        optimizer clips. The file must not exist yet.
 
         Args:
             path: destination, ending in `.csv` or `.json`.
@@ -164,14 +186,16 @@ class GradNormLogger(keras.callbacks.Callback):
                         + [repr(float(v)) for v in row]
                     )
             else:
-                json.dump(
-                    {
-                        "keys": self.keys,
-                        "epoch_end_steps": list(self.epoch_end_steps),
-                        "norms": [[_json_float(v) for v in row] for row in norms],
-                    },
-                    f,
-                )
+                data = {
+                    "keys": self.keys,
+                    "epoch_end_steps": list(self.epoch_end_steps),
+                    "norms": [[_json_float(v) for v in row] for row in norms],
+                }
+                if self.applied_recorder is not None:
+                    data["applied_norms"] = [
+                        [_json_float(v) for v in row] for row in self.applied_recorder.norms
+                    ]
+                json.dump(data, f)
         return path
 
     # ------------------------------------------------------------------
@@ -196,6 +220,8 @@ class GradNormLogger(keras.callbacks.Callback):
         self._calls_since_flush = 0
         if self.recorder is None:
             return np.zeros((0, 0))
+        if self.applied_recorder is not None:
+            self.applied_recorder.flush()
         first = self.recorder._read
         rows = self.recorder.flush()
         if len(rows):
@@ -218,8 +244,16 @@ class GradNormLogger(keras.callbacks.Callback):
             include_biases=self.include_biases,
             capacity=self.flush_every + 2 * self._steps_per_call + 1,
         )
+        self.applied_recorder = None
+        if _clips(self.model.optimizer):
+            self.applied_recorder = recorder_lib.GradNormRecorder(
+                self.model.trainable_variables,
+                include_biases=self.include_biases,
+                capacity=self.recorder.capacity,
+            )
         self._restore = recorder_lib.instrument_model(
-            self.model, [self.recorder]
+            self.model, [self.recorder],
+            applied_recorders=[self.applied_recorder] if self.applied_recorder else [],
         )
 
     # Keras dispatches batch-*end* hooks asynchronously only when no
@@ -257,6 +291,17 @@ class GradNormLogger(keras.callbacks.Callback):
             if self._restore is not None:
                 self._restore()
                 self._restore = None
+
+
+def _clips(optimizer):
+    """Whether an optimizer (or the one inside a loss-scale optimizer) clips."""
+    inner = recorder_lib._innermost(optimizer) if optimizer is not None else None
+    if inner is None:
+        return False
+    if hasattr(inner, "clip_gradients"):
+        return True
+    return any(getattr(inner, a, None) is not None
+               for a in ("clipnorm", "clipvalue", "global_clipnorm"))
 
 
 def _nan_aware_max(values):

@@ -280,7 +280,7 @@ def _handles(variable):
     return handles
 
 
-def instrument_model(model, recorders):
+def instrument_model(model, recorders, applied_recorders=()):
     """Makes `model`'s train function record gradient norms into `recorders`.
 
     The model's optimizer is wrapped *only while the train function runs*
@@ -299,9 +299,17 @@ def instrument_model(model, recorders):
     A `GradNormModel` records in its own `train_step`: then no wrapping is
     done, the recorders are attached to the model instead.
 
+    `applied_recorders` get the norms of the gradients *after* the
+    optimizer's clipping: a `ClippedOptimizer` hands them over as it clips;
+    for Keras' own `clipnorm` / `clipvalue` / `global_clipnorm` they are
+    computed with the optimizer's own clipping function. With no clipping
+    configured they get nothing.
+
     Args:
         model: a compiled `keras.Model`.
         recorders: list of `GradNormRecorder` to feed.
+        applied_recorders: list of `GradNormRecorder` for post-clip norms.
+            Defaults to `()`.
 
     Returns:
         A function `restore()` that detaches these recorders.
@@ -310,6 +318,7 @@ def instrument_model(model, recorders):
         ValueError: if the model has no optimizer.
     """
     recorders = list(recorders)
+    applied_recorders = list(applied_recorders)
     if isinstance(model, GradNormModel):
         model._gradtools_recorders.extend(recorders)
         model.make_train_function(force=True)
@@ -331,9 +340,10 @@ def instrument_model(model, recorders):
     if current is None or not current.attach_ok(model):
         current = _Instrumentation(model)
     current.recorders.extend(recorders)
+    current.applied_recorders.extend(applied_recorders)
 
     def restore():
-        current.detach(recorders)
+        current.detach(recorders + applied_recorders)
 
     return restore
 
@@ -345,6 +355,7 @@ class _Instrumentation:
         self.model = model
         self.optimizer = model.optimizer
         self.recorders = []
+        self.applied_recorders = []
         self.active = True
         self.previous = model.train_function
         self.history = getattr(model, "history", None)
@@ -368,9 +379,10 @@ class _Instrumentation:
 
     def detach(self, recorders):
         for recorder in recorders:
-            if recorder in self.recorders:
-                self.recorders.remove(recorder)
-        if not self.recorders:
+            for group in (self.recorders, self.applied_recorders):
+                if recorder in group:
+                    group.remove(recorder)
+        if not self.recorders and not self.applied_recorders:
             self.restore()
 
     def restore(self):
@@ -393,8 +405,24 @@ class _Instrumentation:
         shared = {}
         for recorder in self.recorders:
             recorder.write(_norms_for(recorder, grads, variables, scale, shared))
+        inner = _innermost(optimizer)
+        if self.applied_recorders and not hasattr(inner, "clip_gradients") and any(
+            getattr(inner, a, None) is not None
+            for a in ("clipnorm", "clipvalue", "global_clipnorm")
+        ):
+            unscaled = grads if scale is None else [
+                None if g is None else g / tf.cast(scale, g.dtype) for g in grads
+            ]
+            present = [(g, v) for g, v in zip(unscaled, variables) if g is not None]
+            clipped = inner._clip_gradients([g for g, _ in present])
+            self._record_applied(clipped, [v for _, v in present])
         apply = self.own_apply or type(optimizer).apply.__get__(optimizer)
         return apply(grads, trainable_variables)
+
+    def _record_applied(self, grads, variables):
+        shared = {}
+        for recorder in self.applied_recorders:
+            recorder.write(_norms_for(recorder, grads, variables, None, shared))
 
     def call(self, iterator):
         model = self.model
@@ -407,6 +435,9 @@ class _Instrumentation:
         own = optimizer.__dict__.get("apply", _MISSING)
         self.own_apply = None if own is _MISSING else own
         optimizer.apply = self.apply
+        hooks = getattr(_innermost(optimizer), "_applied_hooks", None)
+        if hooks is not None and self.applied_recorders:
+            hooks.append(self._record_applied)
         try:
             return self.compiled(iterator)
         except BaseException:
@@ -417,9 +448,18 @@ class _Instrumentation:
                 del optimizer.apply
             else:
                 optimizer.apply = own
+            if hooks is not None and self._record_applied in hooks:
+                hooks.remove(self._record_applied)
 
 
 _MISSING = object()
+
+
+def _innermost(optimizer):
+    """The optimizer inside a `LossScaleOptimizer`, or the optimizer itself."""
+    while isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        optimizer = optimizer.inner_optimizer
+    return optimizer
 
 
 def _norms_for(recorder, grads, variables, scale, shared):
