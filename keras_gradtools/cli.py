@@ -44,6 +44,10 @@ def reproduce_options(f):
         click.option("--out", "out_dir", default="runs", show_default=True,
                      type=click.Path(file_okay=False),
                      help="Parent directory of the run directories (never overwritten)."),
+        click.option("--clip", default=None, metavar="METHOD[:THRESHOLD]",
+                     help="Train with a clipping preset (none, value, norm, global_norm, "
+                     "agc, autoclip, zclip), e.g. zclip or norm:1.0. Applies to the "
+                     "deep-linear cases; --case defaults to exploding with it."),
         click.option("--quiet", is_flag=True, help="No per-epoch progress from Keras."),
     ]
     for option in reversed(options):
@@ -51,8 +55,20 @@ def reproduce_options(f):
     return f
 
 
-def run_reproduce(case, epochs, batch_size, seed, seeds, subset, data_source, out_dir, quiet):
+def run_reproduce(case, epochs, batch_size, seed, seeds, subset, data_source, out_dir, quiet,
+                  clip=None):
     """Runs the chosen cases, prints progress and the table; returns the results."""
+    import tensorflow as tf
+
+    from keras_gradtools.clipping import parse_clip
+
+    if clip is not None:
+        try:
+            parse_clip(clip)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--clip") from None
+        if case == "all":
+            case = "exploding"
     names = _parse_cases(case)
     if data_source not in ("bundled", "keras") and not os.path.isfile(data_source):
         raise click.BadParameter(
@@ -64,6 +80,9 @@ def run_reproduce(case, epochs, batch_size, seed, seeds, subset, data_source, ou
     ]
     if seeds is None and seed is not None:
         seed_list = [seed]
+    gpus = tf.config.list_logical_devices("GPU")
+    click.echo(f"Training on {gpus[0].name if gpus else '/device:CPU:0'}"
+               f"{'' if gpus else ' (no GPU visible)'}", err=True)
     results = []
     for name in names:
         for s in seed_list:
@@ -73,8 +92,11 @@ def run_reproduce(case, epochs, batch_size, seed, seeds, subset, data_source, ou
                 name, epochs=epochs, batch_size=batch_size, seed=s, subset=subset,
                 out_dir=out_dir, data_source=data_source,
                 verbose=0 if quiet else (1 if sys.stdout.isatty() else 2),
+                clip=clip,
             )
             click.echo(f"   run directory: {result['run_dir']}", err=True)
+            if result["report"] is not None and not quiet:
+                click.echo(str(result["report"]), err=True)
             results.append(result)
     click.echo(experiments.format_table(results))
     if seeds is not None:

@@ -30,6 +30,8 @@ from keras_gradtools import data as data_lib
 from keras_gradtools import models as models_lib
 from keras_gradtools import plots
 from keras_gradtools.callbacks import GradNormLogger
+from keras_gradtools.clipping import clipped_optimizer
+from keras_gradtools.clipping import parse_clip
 from keras_gradtools.callbacks import GradientMonitor
 
 
@@ -180,6 +182,20 @@ def summarize(history, norms, keys, epoch_end_steps):
     }
 
 
+def _finite_max(values):
+    values = np.asarray(values, dtype=float)
+    values = values[np.isfinite(values)]
+    return float(values.max()) if values.size else float("nan")
+
+
+def _device_name():
+    """The device the train step runs on: the first GPU if one is visible."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_logical_devices("GPU")
+    return gpus[0].name if gpus else "/device:CPU:0"
+
+
 def _write_history(run_dir, history):
     with open(os.path.join(run_dir, "history.json"), "x") as f:
         json.dump(history, f, indent=1)
@@ -234,6 +250,7 @@ def run_experiment(
     monitor=True,
     data=None,
     shuffle=True,
+    clip=None,
 ):
     """Trains one of the article's cases with `GradNormLogger` and saves the run.
 
@@ -258,6 +275,9 @@ def run_experiment(
         data: `(x, y)` training arrays to use instead of MNIST (shaped for
             the case's model). Defaults to `None`.
         shuffle: shuffle the training data each epoch. Defaults to `True`.
+        clip: `(method, threshold)` or `"METHOD[:THRESHOLD]"`: train with
+            `clipped_optimizer("adam", <the case's learning rate>, clip=...)`
+            instead of the case's optimizer. Defaults to `None`.
         verbose: Keras' `verbose` for `fit()`. Defaults to `"auto"`.
         write_figures: save the figures into the run directory. Defaults to
             `True`.
@@ -291,6 +311,15 @@ def run_experiment(
         x, y = data
         if subset is not None:
             x, y = x[:subset], y[:subset]
+    tag = case.name
+    if clip is not None:
+        method, threshold = parse_clip(clip) if isinstance(clip, str) else clip
+        optimizer = clipped_optimizer(
+            "adam", case.optimizer.get("learning_rate", 1e-3), clip=method,
+            threshold=threshold,
+        )
+        tag = f"{case.name}-clip_{method}"
+        case = dataclasses.replace(case, name=tag, title=f"{case.title} [clip={method}]")
     keras.utils.set_random_seed(case.seed)
     model = build_case(case, optimizer)
     config = dataclasses.asdict(case)
@@ -301,7 +330,7 @@ def run_experiment(
     )
     run_dir = None
     if out_dir is not None:
-        run_dir = claim_run_dir(out_dir, f"{case.name}-seed{case.seed}")
+        run_dir = claim_run_dir(out_dir, f"{tag}-seed{case.seed}")
         with open(os.path.join(run_dir, "config.json"), "x") as f:
             json.dump(config, f, indent=1, default=_json_default)
 
@@ -337,6 +366,12 @@ def run_experiment(
                                          for k, vals in model.history.history.items()})
     history = {k: [float(v) for v in vals] for k, vals in history.items()}
     summary = summarize(history, logger.norms, logger.keys, logger.epoch_end_steps)
+    summary.update(
+        max_raw_global_norm=_finite_max(logger.global_norms),
+        max_applied_global_norm=(_finite_max(logger.applied_global_norms)
+                                 if logger.applied_recorder is not None else None),
+        device=_device_name(),
+    )
     summary.update(case=case.name, wall_time_s=wall,
                    steps=int(len(logger.norms)),
                    step_time_ms=1e3 * wall / max(len(logger.norms), 1))
@@ -367,7 +402,8 @@ def format_table(results):
     Returns:
         The table, a string.
     """
-    header = (f"{'case':<10} {'epochs':>6} {'train acc':>9} {'loss':>8} "
+    width = max([10] + [len(r["case"].name) for r in results])
+    header = (f"{'case':<{width}} {'epochs':>6} {'train acc':>9} {'loss':>8} "
               f"{'max kernel |g|':>14} {'at epoch':>8} {'loss jump':>22} {'time':>8}")
     lines = [header, "-" * len(header)]
     for r in results:
@@ -380,9 +416,18 @@ def format_table(results):
             jump_text = f"none (max x{jump['ratio']:.2f})"
         acc = s["final_accuracy"]
         lines.append(
-            f"{r['case'].name:<10} {len(s['epoch_loss']):>6} "
+            f"{r['case'].name:<{width}} {len(s['epoch_loss']):>6} "
             f"{acc if acc is not None else float('nan'):>9.4f} {s['final_loss']:>8.4f} "
             f"{s['max_kernel_norm']:>14.4g} {str(s['max_kernel_norm_epoch']):>8} "
             f"{jump_text:>22} {s['wall_time_s']:>7.0f}s"
         )
+    clipped = [r for r in results if r["summary"].get("max_applied_global_norm") is not None]
+    if clipped:
+        lines += ["", f"{'run':<28} {'train acc':>9} {'loss':>8} {'max raw |g|':>12} "
+                  f"{'max applied |g|':>15}"]
+        for r in clipped:
+            s = r["summary"]
+            lines.append(f"{r['case'].name:<28} {s['final_accuracy']:>9.4f} "
+                         f"{s['final_loss']:>8.4f} {s['max_raw_global_norm']:>12.4g} "
+                         f"{s['max_applied_global_norm']:>15.4g}")
     return "\n".join(lines)
