@@ -58,12 +58,29 @@ class GradNormLogger(keras.callbacks.Callback):
     - A NaN in the data shows up as a NaN norm at that step; nothing here
       raises because of it.
 
+    TensorBoard (`log_dir`): scalars `grad_norm/<key>` and
+    `grad_norm/global` every `update_freq` steps, written from the host
+    recording (nothing extra in the train step); with a clipping optimizer
+    also `grad_norm_applied/global`; histograms `grad_hist/<key>` of each
+    recorded gradient's values every `histogram_freq` steps, computed in the
+    compiled step only on those steps; and the `GradientMonitor`'s findings
+    as text (`gradtools/findings`). See `keras_gradtools.summaries` for the
+    layout that lines up with Keras' own `TensorBoard` callback. Events are
+    flushed at every host read, so a run interrupted by an exception,
+    `KeyboardInterrupt` or `stop_training` leaves readable files.
+
     Args:
         include_biases: whether biases are recorded too. Defaults to `False`.
         flush_every: the recording is copied from the device every this
             many steps (and at every epoch end). Larger is cheaper; readers
             such as `GradientMonitor` see new steps at this pace. Defaults
             to `256`.
+        log_dir: TensorBoard run directory, or `None` for no TensorBoard
+            output. Defaults to `None`.
+        update_freq: write scalars every this many steps. Defaults to `10`.
+        histogram_freq: write gradient histograms every this many steps; 0
+            for none. Defaults to `0`.
+        histogram_buckets: buckets per histogram. Defaults to `30`.
 
     Example:
 
@@ -83,15 +100,24 @@ class GradNormLogger(keras.callbacks.Callback):
     2
     """
 
-    def __init__(self, include_biases=False, flush_every=256):
+    def __init__(self, include_biases=False, flush_every=256, log_dir=None,
+                 update_freq=10, histogram_freq=0, histogram_buckets=30):
         super().__init__()
-        if not isinstance(flush_every, int) or flush_every < 1:
-            raise ValueError(
-                "`flush_every` must be a positive integer. "
-                f"Received: flush_every={flush_every}"
-            )
+        for name, value, low in (("flush_every", flush_every, 1), ("update_freq", update_freq, 1),
+                                 ("histogram_freq", histogram_freq, 0),
+                                 ("histogram_buckets", histogram_buckets, 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(
+                    f"`{name}` must be an integer >= {low}. Received: {name}={value!r}"
+                )
         self.include_biases = include_biases
         self.flush_every = flush_every
+        self.log_dir = None if log_dir is None else os.fspath(log_dir)
+        self.update_freq = update_freq
+        self.histogram_freq = histogram_freq
+        self.histogram_buckets = histogram_buckets
+        self.writer = None
+        self._first_iteration = 0
         self.recorder = None
         self.applied_recorder = None
         self.epoch_end_steps = []
@@ -220,14 +246,39 @@ class GradNormLogger(keras.callbacks.Callback):
         self._calls_since_flush = 0
         if self.recorder is None:
             return np.zeros((0, 0))
+        applied = None
         if self.applied_recorder is not None:
-            self.applied_recorder.flush()
+            applied = self.applied_recorder.flush()
         first = self.recorder._read
         rows = self.recorder.flush()
+        if self.writer is not None:
+            self._write_summaries(first, rows, applied)
         if len(rows):
             for reader in list(self._readers):
                 reader(first, rows)
         return rows
+
+    def tensorboard_step(self, step):
+        """The TensorBoard step of a recorded step: the optimizer's step after it."""
+        return self._first_iteration + int(step) + 1
+
+    def _write_summaries(self, first, rows, applied):
+        index = np.arange(first, first + len(rows))
+        keep = index % self.update_freq == 0
+        if keep.any():
+            steps = [self.tensorboard_step(i) for i in index[keep]]
+            self.writer.scalars(steps, self.keys, rows[keep],
+                                norms_lib.global_norm(rows[keep]))
+            if applied is not None and len(applied) == len(rows):
+                self.writer.applied_scalars(steps, norms_lib.global_norm(applied[keep]))
+        for step, buckets in self.recorder.histograms():
+            self.writer.histograms(self.tensorboard_step(step), buckets)
+        self.writer.flush()
+
+    def write_text(self, tag, text, step):
+        """Writes a text summary at a recorded step (no-op without `log_dir`)."""
+        if self.writer is not None:
+            self.writer.text(tag, text, self.tensorboard_step(step))
 
     # ------------------------------------------------------------------
     # Callback hooks
@@ -239,10 +290,18 @@ class GradNormLogger(keras.callbacks.Callback):
         self._steps_per_call = max(
             1, int(getattr(self.model, "steps_per_execution", 1) or 1)
         )
+        if self.log_dir is not None:
+            from keras_gradtools.summaries import GradientSummaryWriter
+
+            self.writer = GradientSummaryWriter(self.log_dir)
+        optimizer = self.model.optimizer
+        self._first_iteration = int(optimizer.iterations.numpy()) if optimizer is not None else 0
         self.recorder = recorder_lib.GradNormRecorder(
             self.model.trainable_variables,
             include_biases=self.include_biases,
             capacity=self.flush_every + 2 * self._steps_per_call + 1,
+            histogram_freq=self.histogram_freq if self.writer else 0,
+            histogram_buckets=self.histogram_buckets,
         )
         self.applied_recorder = None
         if _clips(self.model.optimizer):
@@ -291,6 +350,9 @@ class GradNormLogger(keras.callbacks.Callback):
             if self._restore is not None:
                 self._restore()
                 self._restore = None
+            if self.writer is not None:
+                self.writer.close()
+                self.writer = None
 
 
 def _clips(optimizer):
@@ -453,6 +515,7 @@ class GradientMonitor(keras.callbacks.Callback):
             self._act(finding)
 
     def _act(self, finding):
+        self.logger.write_text("gradtools/findings", str(finding), finding.detected_step)
         action = self.actions.get(finding.kind, "warn")
         if action == "ignore":
             return

@@ -191,6 +191,23 @@ def diagnose(run_dir, as_json):
 
 
 @main.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
+              help="Where to write the figures (default: RUN_DIR/figures).")
+def plot(run_dir, out_dir):
+    """Write every figure of a saved run (norms over steps, gradient flow, heatmap, curves)."""
+    from keras_gradtools.plots import plot_run
+
+    load_run(run_dir)  # a clear error for anything that is not a run
+    try:
+        paths = plot_run(run_dir, out_dir)
+    except FileExistsError as e:
+        raise click.UsageError(str(e)) from None
+    for path in paths:
+        click.echo(path)
+
+
+@main.command()
 @click.argument("model_path", type=click.Path())
 @click.option("--data", "data_source", default="mnist", show_default=True,
               help="mnist (the bundled copy), or a path to a keras-style .npz.")

@@ -98,11 +98,14 @@ def loss_and_grad_norms(history, title="Loss and gradient norms per epoch", path
     Returns:
         The `matplotlib.figure.Figure`.
     """
-    fig = Figure(figsize=(12, 4.5))
-    ax_loss, ax_norm = fig.subplots(1, 2)
+    fig = Figure(figsize=(13, 4.5))
+    ax_loss, ax_norm = fig.subplots(1, 2, gridspec_kw={"wspace": 0.45})
     loss = history.get("loss", [])
     epochs = np.arange(1, len(loss) + 1)
     ax_loss.plot(epochs, loss, marker="o", color="tab:red", label="loss")
+    finite = np.asarray([v for v in loss if np.isfinite(v) and v > 0])
+    if finite.size and finite.max() / finite.min() > 100:
+        ax_loss.set_yscale("log")  # a blow-up would flatten everything else
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("loss")
     ax_loss.set_title("Loss")
@@ -163,3 +166,185 @@ def weight_histogram(model, title="Weight distribution per layer", bins=60,
     fig.suptitle(title)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def _finding_markers(ax, findings, colours=None):
+    colours = colours or {"vanishing": "tab:purple", "exploding": "tab:red",
+                          "nonfinite": "black", "dead_layer": "tab:gray",
+                          "clipped_spike": "tab:orange"}
+    for finding in findings or []:
+        kind = finding.kind if hasattr(finding, "kind") else finding["kind"]
+        step = finding.step if hasattr(finding, "step") else finding["step"]
+        ax.axvline(step, color=colours.get(kind, "tab:red"), linestyle="--", linewidth=1.2,
+                   label=f"{kind} (step {step})")
+
+
+def grad_norms_over_steps(norms, keys, findings=None, epoch_end_steps=None,
+                          title="Gradient norm per layer, every step", path=None):
+    """Per-layer gradient norms over training steps, log scale, findings marked.
+
+    Args:
+        norms: `(steps, len(keys))` per-step norms.
+        keys: the variables' keys, input to output.
+        findings: `Finding`s (or their dicts) to mark as vertical lines.
+            Defaults to `None`.
+        epoch_end_steps: epoch boundaries, drawn as light lines. Defaults
+            to `None`.
+        title: the figure title. Defaults to
+            `"Gradient norm per layer, every step"`.
+        path: where to save, or `None`. Defaults to `None`.
+
+    Returns:
+        The `matplotlib.figure.Figure`.
+    """
+    norms = np.asarray(norms, dtype=float)
+    fig = Figure(figsize=(12, 5))
+    ax = fig.subplots()
+    steps = np.arange(len(norms))
+    for i, (key, colour) in enumerate(zip(keys, _layer_colours(len(keys)))):
+        series = np.where(norms[:, i] > 0, norms[:, i], np.nan)
+        ax.plot(steps, series, color=colour, linewidth=0.7, label=short_name(key))
+    for end in epoch_end_steps or []:
+        ax.axvline(end, color="0.85", linewidth=0.8, zorder=0)
+    _finding_markers(ax, findings)
+    ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("gradient L2 norm")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="major")
+    _legend(ax, len(keys) + len(findings or []))
+    return _save(fig, path)
+
+
+def gradient_flow(norms, keys, window=None, title="Gradient flow (input -> output)", path=None):
+    """One point per layer, input to output: mean and max norm over a window, log scale.
+
+    Where the signal dies (vanishing) the means fall away towards the input;
+    where it blows up (exploding) the maxima tower over the means.
+
+    Args:
+        norms: `(steps, len(keys))` per-step norms.
+        keys: the variables' keys, input to output.
+        window: `(first, last)` steps (inclusive-exclusive), or `None` for
+            all. Defaults to `None`.
+        title: the figure title. Defaults to
+            `"Gradient flow (input -> output)"`.
+        path: where to save, or `None`. Defaults to `None`.
+
+    Returns:
+        The `matplotlib.figure.Figure`.
+    """
+    norms = np.asarray(norms, dtype=float)
+    if window is not None:
+        norms = norms[window[0]:window[1]]
+    with np.errstate(all="ignore"):
+        finite = np.where(np.isfinite(norms), norms, np.nan)
+        mean = np.nanmean(finite, axis=0) if len(norms) else np.zeros(len(keys))
+        top = np.nanmax(finite, axis=0) if len(norms) else np.zeros(len(keys))
+    x = np.arange(len(keys))
+    fig = Figure(figsize=(max(6, 0.45 * len(keys) + 2), 4.5))
+    ax = fig.subplots()
+    ax.bar(x, top, color="tab:red", alpha=0.35, label="max over the window")
+    ax.bar(x, mean, color="tab:blue", alpha=0.8, label="mean over the window")
+    ax.set_yscale("log")
+    ax.set_xticks(x)
+    ax.set_xticklabels([short_name(k) for k in keys], rotation=60, ha="right", fontsize=7)
+    ax.set_xlabel("variable (input -> output)")
+    ax.set_ylabel("gradient L2 norm")
+    span = "all steps" if window is None else f"steps {window[0]}-{window[1]}"
+    ax.set_title(f"{title}, {span}")
+    ax.grid(alpha=0.3, axis="y", which="major")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def norm_heatmap(norms, keys, title="log10 gradient norm, layers x steps", max_columns=2000,
+                 path=None):
+    """A heatmap of log10 norm, one row per layer (input at the top), steps across.
+
+    Long runs are averaged into at most `max_columns` columns (in log space).
+
+    Args:
+        norms: `(steps, len(keys))` per-step norms.
+        keys: the variables' keys, input to output.
+        title: the figure title. Defaults to
+            `"log10 gradient norm, layers x steps"`.
+        max_columns: the most step columns drawn. Defaults to `2000`.
+        path: where to save, or `None`. Defaults to `None`.
+
+    Returns:
+        The `matplotlib.figure.Figure`.
+    """
+    norms = np.asarray(norms, dtype=float)
+    with np.errstate(all="ignore"):
+        logs = np.log10(np.where(norms > 0, norms, np.nan))
+    logs[~np.isfinite(logs)] = np.nan
+    steps = len(logs)
+    factor = max(1, int(np.ceil(steps / max_columns)))
+    if factor > 1:
+        cut = steps // factor * factor
+        with np.errstate(all="ignore"):
+            logs = np.nanmean(logs[:cut].reshape(-1, factor, logs.shape[1]), axis=1)
+    fig = Figure(figsize=(12, max(3, 0.25 * len(keys) + 1.5)))
+    ax = fig.subplots()
+    image = ax.imshow(logs.T, aspect="auto", interpolation="nearest", cmap="magma",
+                      extent=(0, factor * len(logs), len(keys) - 0.5, -0.5))
+    ax.set_yticks(np.arange(len(keys)))
+    ax.set_yticklabels([short_name(k) for k in keys], fontsize=7)
+    ax.set_xlabel("training step")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label="log10 norm")
+    return _save(fig, path)
+
+
+def plot_run(run_dir, out_dir=None):
+    """Writes every figure of a saved run; returns the paths written.
+
+    Args:
+        run_dir: a run directory written by `run_experiment`.
+        out_dir: where to write the figures, or `None` for `run_dir/figures`.
+            Defaults to `None`.
+
+    Returns:
+        A list of paths.
+
+    Raises:
+        FileExistsError: if a figure already exists there (nothing is
+            overwritten).
+    """
+    import json
+    import os
+
+    with open(os.path.join(run_dir, "grad_norms.json")) as f:
+        data = json.load(f)
+    keys = data["keys"]
+    norms = np.array([[float(v) for v in row] for row in data["norms"]],
+                     dtype=float).reshape(-1, len(keys))
+    ends = data.get("epoch_end_steps", [])
+    history = {}
+    if os.path.exists(os.path.join(run_dir, "history.json")):
+        with open(os.path.join(run_dir, "history.json")) as f:
+            history = json.load(f)
+    findings = []
+    if os.path.exists(os.path.join(run_dir, "diagnosis.json")):
+        with open(os.path.join(run_dir, "diagnosis.json")) as f:
+            findings = json.load(f).get("findings", [])
+    out_dir = out_dir or os.path.join(run_dir, "figures")
+    os.makedirs(out_dir, exist_ok=True)
+    names = ["grad_norms_steps.png", "gradient_flow.png", "norm_heatmap.png"]
+    if history:
+        names += ["accuracy.png", "loss_and_grad_norms.png"]
+    paths = [os.path.join(out_dir, n) for n in names]
+    taken = [p for p in paths if os.path.exists(p)]
+    if taken:
+        raise FileExistsError(
+            f"{taken[0]} already exists; keras_gradtools never overwrites a figure. "
+            "Pass another --out directory."
+        )
+    grad_norms_over_steps(norms, keys, findings, ends, path=paths[0])
+    gradient_flow(norms, keys, path=paths[1])
+    norm_heatmap(norms, keys, path=paths[2])
+    if history:
+        accuracy_curve(history, path=paths[3])
+        loss_and_grad_norms(history, path=paths[4])
+    return paths

@@ -88,7 +88,8 @@ class GradNormRecorder:
     (1,)
     """
 
-    def __init__(self, variables, include_biases=False, capacity=None):
+    def __init__(self, variables, include_biases=False, capacity=None,
+                 histogram_freq=0, histogram_buckets=30):
         capacity = _DEFAULT_CAPACITY if capacity is None else capacity
         if not isinstance(capacity, int) or capacity < 1:
             raise ValueError(
@@ -119,6 +120,23 @@ class GradNormRecorder:
                 synchronization=tf.VariableSynchronization.ON_WRITE,
                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
             )
+        self.histogram_freq = int(histogram_freq or 0)
+        self.histogram_buckets = int(histogram_buckets)
+        if self.histogram_freq:
+            slots = capacity // self.histogram_freq + 2
+            with tf.init_scope():
+                self._hist = tf.Variable(
+                    tf.zeros([slots, width, self.histogram_buckets, 3], tf.float32),
+                    trainable=False, name="gradtools_histograms",
+                    synchronization=tf.VariableSynchronization.ON_WRITE,
+                    aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+                )
+                self._hist_steps = tf.Variable(
+                    tf.fill([slots], tf.constant(-1, tf.int64)), trainable=False,
+                    name="gradtools_histogram_steps",
+                    synchronization=tf.VariableSynchronization.ON_WRITE,
+                    aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+                )
         self._read = 0
         self._chunks = []
         self.reset()
@@ -130,7 +148,10 @@ class GradNormRecorder:
             `None`.
         """
         self._count.assign(0)
+        if self.histogram_freq:
+            self._hist_steps.assign(tf.fill(tf.shape(self._hist_steps), tf.constant(-1, tf.int64)))
         self._read = 0
+        self._hist_read = 0
         self._chunks = []
         self._cache = None
 
@@ -154,14 +175,7 @@ class GradNormRecorder:
         Returns:
             A float32 tensor of shape `(len(self.keys),)`.
         """
-        gradients = list(gradients)
-        variables = list(variables)
-        if len(gradients) != len(variables):
-            raise ValueError(
-                "`gradients` and `variables` must have the same length. "
-                f"Received: len(gradients)={len(gradients)}, "
-                f"len(variables)={len(variables)}"
-            )
+        gradients, variables = _check_lengths(gradients, variables)
         return _norms_for(self, gradients, variables, scale, {})
 
     def record(self, gradients, variables, scale=None):
@@ -177,9 +191,70 @@ class GradNormRecorder:
             The recorded norms, a float32 tensor of shape
             `(len(self.keys),)`.
         """
-        norms = self.norms_of(gradients, variables, scale)
+        gradients, variables = _check_lengths(gradients, variables)
+        return self.record_step(gradients, variables, scale)
+
+    def record_step(self, gradients, variables, scale=None, shared=None):
+        """Records one step: norms every step, histograms every `histogram_freq`.
+
+        Args:
+            gradients: the gradients, one per variable.
+            variables: the variables, in the same order.
+            scale: the loss scale to divide out, or `None`. Defaults to
+                `None`.
+            shared: a dict that caches each gradient's norm between
+                recorders of the same step. Defaults to `None`.
+
+        Returns:
+            The recorded norms.
+        """
+        norms = _norms_for(self, gradients, variables, scale,
+                           {} if shared is None else shared)
+        if self.histogram_freq:
+            step = self._count.read_value()
+            slots = [None] * len(self.variables)
+            for gradient, variable in zip(gradients, variables):
+                i = self._lookup(variable)
+                if i is not None and slots[i] is None:
+                    slots[i] = gradient
+
+            def write_histograms():
+                rows = []
+                for gradient, variable in zip(slots, self.variables):
+                    rows.append(_histogram(gradient, variable, scale,
+                                           self.histogram_buckets))
+                slot = tf.math.floormod(step // self.histogram_freq,
+                                        self._hist_steps.shape[0])
+                index = tf.reshape(slot, [1, 1])
+                self._hist.scatter_nd_update(index, tf.expand_dims(tf.stack(rows), 0))
+                self._hist_steps.scatter_nd_update(index, tf.reshape(step, [1]))
+                return tf.constant(True)
+
+            tf.cond(tf.equal(tf.math.floormod(step, self.histogram_freq), 0),
+                    write_histograms, lambda: tf.constant(False))
         self.write(norms)
         return norms
+
+    def histograms(self):
+        """Histograms written since the last call: `[(step, {key: (B, 3) array})]`.
+
+        Each array holds TensorBoard's `[left, right, count]` rows over the
+        gradient's finite values (unscaled).
+        """
+        if not self.histogram_freq:
+            return []
+        steps = self._hist_steps.numpy()
+        data = None
+        out = []
+        for slot in np.argsort(steps):
+            step = int(steps[slot])
+            if step < self._hist_read:
+                continue
+            data = self._hist.numpy() if data is None else data
+            out.append((step, {k: data[slot, i] for i, k in enumerate(self.keys)}))
+        if out:
+            self._hist_read = out[-1][0] + 1
+        return out
 
     def write(self, norms):
         """Writes an already computed norm vector as the next step's row.
@@ -269,6 +344,16 @@ class GradNormRecorder:
     def global_norms(self):
         """1-D array: the norm of all recorded gradients together, per step."""
         return norms_lib.global_norm(self.norms)
+
+
+def _check_lengths(gradients, variables):
+    gradients, variables = list(gradients), list(variables)
+    if len(gradients) != len(variables):
+        raise ValueError(
+            "`gradients` and `variables` must have the same length. "
+            f"Received: len(gradients)={len(gradients)}, len(variables)={len(variables)}"
+        )
+    return gradients, variables
 
 
 def _handles(variable):
@@ -404,7 +489,7 @@ class _Instrumentation:
         scale = loss_scale_of(optimizer)
         shared = {}
         for recorder in self.recorders:
-            recorder.write(_norms_for(recorder, grads, variables, scale, shared))
+            recorder.record_step(grads, variables, scale, shared)
         inner = _innermost(optimizer)
         if self.applied_recorders and not hasattr(inner, "clip_gradients") and any(
             getattr(inner, a, None) is not None
@@ -422,7 +507,7 @@ class _Instrumentation:
     def _record_applied(self, grads, variables):
         shared = {}
         for recorder in self.applied_recorders:
-            recorder.write(_norms_for(recorder, grads, variables, None, shared))
+            recorder.record_step(grads, variables, None, shared)
 
     def call(self, iterator):
         model = self.model
@@ -460,6 +545,30 @@ def _innermost(optimizer):
     while isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         optimizer = optimizer.inner_optimizer
     return optimizer
+
+
+def _histogram(gradient, variable, scale, buckets):
+    """`(buckets, 3)` rows `[left, right, count]` over a gradient's finite values."""
+    if gradient is None:
+        values = tf.zeros([tf.size(variable)], tf.float32)
+    else:
+        if isinstance(gradient, tf.IndexedSlices):
+            gradient = tf.convert_to_tensor(gradient)
+        values = tf.reshape(tf.cast(gradient, tf.float32), [-1])
+    if scale is not None:
+        values = values / tf.cast(scale, tf.float32)
+    finite = tf.math.is_finite(values)
+    lo = tf.reduce_min(tf.where(finite, values, np.inf))
+    hi = tf.reduce_max(tf.where(finite, values, -np.inf))
+    lo = tf.where(tf.math.is_finite(lo), lo, 0.0)
+    hi = tf.where(tf.math.is_finite(hi), hi, 0.0)
+    width = hi - lo
+    position = tf.where(width > 0, (values - lo) / tf.maximum(width, 1e-30) * buckets, 0.0)
+    position = tf.where(finite, position, 0.0)
+    ids = tf.clip_by_value(tf.cast(tf.floor(position), tf.int32), 0, buckets - 1)
+    counts = tf.math.unsorted_segment_sum(tf.cast(finite, tf.float32), ids, buckets)
+    edges = lo + width * tf.range(buckets + 1, dtype=tf.float32) / buckets
+    return tf.stack([edges[:-1], edges[1:], counts], axis=1)
 
 
 def _norms_for(recorder, grads, variables, scale, shared):
@@ -546,9 +655,7 @@ class GradNormModel(keras.Model):
         variables = list(variables)
         shared = {}
         for recorder in self._gradtools_recorders:
-            recorder.write(
-                _norms_for(recorder, gradients, variables, scale, shared)
-            )
+            recorder.record_step(gradients, variables, scale, shared)
 
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)

@@ -1,0 +1,101 @@
+"""Figures: what was drawn (titles, labels, scales, lines, data), never pixels."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from keras_gradtools import cli, plots
+from keras_gradtools.diagnose import diagnose_norms
+
+KEYS = [f"deep/dense_{i}/kernel" for i in range(22)]
+
+
+def _norms(steps=300):
+    rng = np.random.default_rng(0)
+    levels = np.logspace(-6, 0, len(KEYS))
+    return levels * np.exp(rng.normal(0, 0.2, size=(steps, len(KEYS))))
+
+
+def test_steps_plot_log_scale_lines_and_findings():
+    norms = _norms()
+    report = diagnose_norms(norms, KEYS)
+    fig = plots.grad_norms_over_steps(norms, KEYS, report.findings, epoch_end_steps=[150, 300])
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "log" and ax.get_xlabel() == "training step"
+    lines = [l for l in ax.get_lines() if l.get_label().startswith("dense_")]
+    assert len(lines) == 22
+    np.testing.assert_allclose(lines[3].get_ydata(), norms[:, 3])
+    marks = [l for l in ax.get_lines() if l.get_label().startswith("vanishing")]
+    assert len(marks) == 1 and marks[0].get_xdata()[0] == report.first("vanishing").step
+    legend = ax.get_legend()
+    assert legend is not None and legend.get_bbox_to_anchor().x0 > 0  # outside the axes
+
+
+def test_gradient_flow_bars_input_to_output():
+    norms = _norms()
+    fig = plots.gradient_flow(norms, KEYS, window=(100, 200))
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "log"
+    assert [t.get_text() for t in ax.get_xticklabels()] == [k[5:] for k in KEYS]
+    means = [p.get_height() for p in ax.containers[1]]
+    np.testing.assert_allclose(means, norms[100:200].mean(axis=0))
+    maxes = [p.get_height() for p in ax.containers[0]]
+    np.testing.assert_allclose(maxes, norms[100:200].max(axis=0))
+    assert "steps 100-200" in ax.get_title()
+
+
+def test_heatmap_rows_are_layers_and_values_log10():
+    norms = _norms(50)
+    fig = plots.norm_heatmap(norms, KEYS)
+    image = fig.axes[0].get_images()[0]
+    np.testing.assert_allclose(image.get_array(), np.log10(norms).T)
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()][0] == "dense_0/kernel"
+    fig = plots.norm_heatmap(_norms(5000), KEYS, max_columns=1000)
+    assert fig.axes[0].get_images()[0].get_array().shape == (22, 1000)
+
+
+def test_article_figures():
+    history = {"loss": [0.9, 0.7, 40000.0, 40.0], "accuracy": [0.7, 0.8, 0.75, 0.5],
+               "grad_norm/deep/dense_0/kernel": [1, 2, 3e4, 50],
+               "grad_norm/deep/output/kernel": [1, 1, 2e5, 60]}
+    fig = plots.accuracy_curve(history)
+    assert fig.axes[0].get_ylabel() == "accuracy"
+    np.testing.assert_allclose(fig.axes[0].get_lines()[0].get_ydata(), history["accuracy"])
+    fig = plots.loss_and_grad_norms(history)
+    loss_ax, acc_ax, norm_ax = fig.axes[0], fig.axes[2], fig.axes[1]
+    assert loss_ax.get_yscale() == "log"  # a 40000x blow-up is drawn on a log axis
+    assert norm_ax.get_yscale() == "log" and len(norm_ax.get_lines()) == 2
+    assert acc_ax.get_ylabel() == "accuracy"
+
+
+def test_weight_histogram_panels():
+    import keras
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="a"),
+                              keras.layers.Dense(2, name="b")], name="m")
+    fig = plots.weight_histogram(model)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_visible()]
+    assert titles == ["a/kernel", "b/kernel"]
+    counts = sum(p.get_height() for p in fig.axes[0].patches)
+    assert counts == 12
+
+
+def test_plot_command_writes_all_and_never_overwrites(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    norms = _norms(120)
+    json.dump({"keys": KEYS, "epoch_end_steps": [60, 120], "norms": norms.tolist()},
+              open(run / "grad_norms.json", "w"))
+    json.dump({"loss": [1.0, 0.5], "accuracy": [0.5, 0.7]}, open(run / "history.json", "w"))
+    result = CliRunner().invoke(cli.main, ["plot", str(run)])
+    assert result.exit_code == 0, result.output
+    written = sorted(os.listdir(run / "figures"))
+    assert written == ["accuracy.png", "grad_norms_steps.png", "gradient_flow.png",
+                       "loss_and_grad_norms.png", "norm_heatmap.png"]
+    result = CliRunner().invoke(cli.main, ["plot", str(run)])
+    assert result.exit_code == 2 and "never overwrites" in result.output
+    result = CliRunner().invoke(cli.main, ["plot", str(tmp_path / "nothing")])
+    assert result.exit_code == 2
