@@ -95,7 +95,7 @@ def run_reproduce(case, epochs, batch_size, seed, seeds, subset, data_source, ou
                 clip=clip,
             )
             click.echo(f"   run directory: {result['run_dir']}", err=True)
-            if result["report"] is not None and not quiet:
+            if result["report"] is not None:
                 click.echo(str(result["report"]), err=True)
             results.append(result)
     click.echo(experiments.format_table(results))

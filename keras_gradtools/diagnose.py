@@ -15,9 +15,10 @@ Rules and their defaults:
 - `exploding_rule`: a spike of the global norm, or of a layer's, against its
   own recent history: on the log scale, an exponential moving average
   (`alpha` 0.97) of mean and variance; a step whose z-score exceeds
-  `zscore` (3.0) *and* whose norm is at least `ratio` (10) times the moving
-  average, after `warmup` (100) steps; or any norm above the absolute
-  `ceiling` (1e6). When the optimizer clips, spikes are reported as
+  `zscore` (3.0; `layer_zscore`, 5.0, for a single layer's series, since
+  dozens of layers are tested at once) *and* whose norm is at least `ratio`
+  (10) times the moving average, after `warmup` (100) steps; or any norm
+  above the absolute `ceiling` (1e6). When the optimizer clips, spikes are reported as
   `clipped_spike` (absorbed by the clipping), not `exploding`.
 - `nonfinite_rule`: any NaN or Inf norm, naming the first variable from the
   input side.
@@ -40,8 +41,8 @@ FAILURE_KINDS = ("nonfinite", "exploding", "vanishing", "dead_layer")
 
 DEFAULTS = {
     "vanishing": {"ratio": 1e-3, "floor": 1e-7, "patience": 50},
-    "exploding": {"alpha": 0.97, "zscore": 3.0, "ratio": 10.0, "warmup": 100,
-                  "ceiling": 1e6},
+    "exploding": {"alpha": 0.97, "zscore": 3.0, "layer_zscore": 5.0, "ratio": 10.0,
+                  "warmup": 100, "ceiling": 1e6},
     "dead_layer": {"patience": 50},
 }
 
@@ -310,15 +311,17 @@ def vanishing_rule(rows, keys, first_step=0, state=None, ratio=1e-3, floor=1e-7,
 
 
 def exploding_rule(rows, keys, first_step=0, state=None, alpha=0.97, zscore=3.0,
-                   ratio=10.0, warmup=100, ceiling=1e6, clipping=None):
+                   ratio=10.0, warmup=100, ceiling=1e6, clipping=None, layer_zscore=5.0):
     """Finds spikes of the global or a layer's norm against its recent history.
 
     The global norm and each variable's norm are followed on the log scale
     by an exponential moving average of mean and variance (weight `alpha`
     on the past, as ZClip does on the raw scale). A step spikes when, after
     `warmup` steps, its log norm is more than `zscore` deviations above the
-    mean *and* its norm is at least `ratio` times the average level; or
-    when a norm exceeds `ceiling`. Non-finite steps are left to
+    mean (`layer_zscore` for a single layer: with dozens of layers tested
+    at every step, a looser bar would cry wolf on healthy runs) *and* its
+    norm is at least `ratio` times the average level; or when a norm
+    exceeds `ceiling`. Non-finite steps are left to
     `nonfinite_rule` and do not enter the averages.
 
     If `clipping` describes the optimizer's clipping (e.g. `"clipnorm=1.0"`),
@@ -337,6 +340,8 @@ def exploding_rule(rows, keys, first_step=0, state=None, alpha=0.97, zscore=3.0,
         ceiling: absolute ceiling on any norm. Defaults to `1e6`.
         clipping: a description of the optimizer's clipping, or `None`.
             Defaults to `None`.
+        layer_zscore: z-score threshold for a single layer's series.
+            Defaults to `5.0`.
 
     Returns:
         `(findings, state)`; at most one finding per run.
@@ -379,23 +384,27 @@ def exploding_rule(rows, keys, first_step=0, state=None, alpha=0.97, zscore=3.0,
             z = (lx - mean) / np.maximum(std, 1e-12)
             level = np.exp(mean)
             jump = x / level
-        spiking = (state["seen"] >= warmup) & (z > zscore) & (jump >= ratio)
+        bar = np.full(n + 1, layer_zscore)
+        bar[0] = zscore
+        spiking = (state["seen"] >= warmup) & (z > bar) & (jump >= ratio)
         spiking |= x > ceiling
         if not state["fired"] and spiking.any():
             state["fired"] = True
             step = first_step + i
             layers = [k for k, s in zip(keys, spiking[1:]) if s]
-            if not layers:  # only the global norm spiked: name the largest growths
+            if not layers:  # only the global norm spiked: name the layers that grew
+                grew = [k for k, jmp in zip(keys, jump[1:]) if jmp >= ratio]
                 order = np.argsort(-jump[1:])[:3]
-                layers = [keys[j] for j in sorted(order)]
+                layers = grew or [keys[j] for j in sorted(order)]
             which = "global norm" if spiking[0] else _short(layers[0])
             j = 0 if spiking[0] else 1 + keys.index(layers[0])
-            by_ceiling = bool(x[j] > ceiling) and not (z[j] > zscore and jump[j] >= ratio)
+            by_ceiling = bool(x[j] > ceiling) and not (
+                state["seen"] >= warmup and z[j] > bar[j] and jump[j] >= ratio)
             evidence = {
                 "series": "global" if spiking[0] else layers[0],
                 "norm": float(x[j]), "recent_level": float(level[j]),
                 "jump": float(jump[j]), "zscore": float(z[j]),
-                "zscore_threshold": zscore, "ratio_threshold": ratio,
+                "zscore_threshold": float(bar[j]), "ratio_threshold": ratio,
                 "ceiling": ceiling, "alpha": alpha, "warmup": warmup,
                 "global_norm": float(x[0]),
                 "layer_jumps": {k: float(jump[1 + keys.index(k)]) for k in layers},

@@ -9,7 +9,12 @@ max, and the cost of the article's per-epoch probe
 (`compute_weight_gradient_norms` over all training samples) relative to one
 epoch of training.
 
-Run: `python scripts/bench_overhead.py` (about 5 minutes on 2 CPU cores).
+Candidates: the logger alone, with the monitor, with TensorBoard scalars
+(default `update_freq`), with histograms every 100 steps, and each clipping
+preset (its own model, same weights, against plain Adam).
+
+Run: `python scripts/bench_overhead.py` (about 15 minutes on 2 CPU cores; pick
+with `--models` and `--candidates`).
 """
 
 import os
@@ -23,6 +28,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from keras_gradtools import GradNormLogger  # noqa: E402
+from keras_gradtools import GradientMonitor  # noqa: E402
+from keras_gradtools.clipping import clipped_optimizer  # noqa: E402
 from keras_gradtools import compute_weight_gradient_norms  # noqa: E402
 from keras_gradtools.data import load_mnist  # noqa: E402
 from keras_gradtools.models import create_deep_linear_model  # noqa: E402
@@ -66,17 +73,37 @@ def _small_cnn():
     )
 
 
-def _compile(model):
+def _compile(model, optimizer=None):
     model.compile(
-        optimizer=keras.optimizers.Adam(1e-3),
+        optimizer=optimizer or keras.optimizers.Adam(1e-3),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
     return model
 
 
+def _tb_logger(**kwargs):
+    import tempfile
+
+    return GradNormLogger(log_dir=tempfile.mkdtemp(prefix="gradtools-bench-"), **kwargs)
+
+
+def _monitored():
+    logger = GradNormLogger()
+    return [logger, GradientMonitor(logger, verbose=0)]
+
+
+# name: (callbacks factory, optimizer factory or None for the plain Adam)
 CANDIDATES = {
-    "logger": lambda: [GradNormLogger()],
+    "logger": (lambda: [GradNormLogger()], None),
+    "logger+monitor": (_monitored, None),
+    "logger+tb_scalars": (lambda: [_tb_logger()], None),
+    "logger+tb_scalars+hist100": (lambda: [_tb_logger(histogram_freq=100)], None),
+    "clip=norm": (lambda: [], lambda: clipped_optimizer("adam", 1e-3, clip="norm")),
+    "clip=global_norm": (lambda: [], lambda: clipped_optimizer("adam", 1e-3, clip="global_norm")),
+    "clip=agc": (lambda: [], lambda: clipped_optimizer("adam", 1e-3, clip="agc")),
+    "clip=autoclip": (lambda: [], lambda: clipped_optimizer("adam", 1e-3, clip="autoclip")),
+    "clip=zclip": (lambda: [], lambda: clipped_optimizer("adam", 1e-3, clip="zclip")),
 }
 
 MODELS = {
@@ -101,12 +128,20 @@ def bench_model(name, steps, reps, candidates):
     keras.utils.set_random_seed(0)
     model = _compile(build())
     _time_fit(model, x, y, batch_size, [])  # warm-up: trace the plain function
+    own = {}  # candidates with an optimizer of their own train their own model
+    for c in candidates:
+        make_optimizer = CANDIDATES[c][1]
+        if make_optimizer is not None:
+            keras.utils.set_random_seed(0)
+            own[c] = _compile(build(), make_optimizer())
+            _time_fit(own[c], x, y, batch_size, [])
     times = {"plain": []}
     times.update({c: [] for c in candidates})
     for _ in range(reps):
         times["plain"].append(_time_fit(model, x, y, batch_size, []))
         for c in candidates:
-            times[c].append(_time_fit(model, x, y, batch_size, CANDIDATES[c]()))
+            times[c].append(_time_fit(own.get(c, model), x, y, batch_size,
+                                      CANDIDATES[c][0]()))
     base = statistics.median(times["plain"])
     click.echo(
         f"\n{name} (batch {batch_size}, {steps} steps x {reps} reps): "
@@ -144,7 +179,7 @@ def bench_probe(samples):
 @click.command()
 @click.option("--models", "model_names", default="deep_linear,small_cnn",
               show_default=True, help="Comma-separated: deep_linear, small_cnn.")
-@click.option("--candidates", default="logger", show_default=True,
+@click.option("--candidates", default=",".join(CANDIDATES), show_default=True,
               help=f"Comma-separated: {', '.join(CANDIDATES)}.")
 @click.option("--steps", default=300, show_default=True, type=click.IntRange(min=20),
               help="Training steps per timed run.")
