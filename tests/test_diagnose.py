@@ -169,3 +169,19 @@ def test_report_text_and_json_round_trip():
 def test_unknown_rule_in_thresholds():
     with pytest.raises(ValueError, match="Unknown rule"):
         Diagnoser(KEYS, thresholds={"vanish": {}})
+
+
+def test_real_healthy_resnet_norms_raise_no_alarm():
+    """Regression: the first 600 steps of a real ResNet run on MNIST (batch 32, Adam 1e-3).
+
+    At step 367 one conv kernel's norm jumped 10.1x its recent level at z = 3.05 while the
+    global norm stayed calm; a single-layer bar of z > 3 called that exploding.
+    """
+    import os
+
+    data = np.load(os.path.join(os.path.dirname(__file__), "data", "resnet_norms_first600.npz"))
+    keys = [str(k) for k in data["keys"]]
+    report = diagnose_norms(data["norms"], keys)
+    assert report.findings == []
+    loose = diagnose_norms(data["norms"], keys, thresholds={"exploding": {"layer_zscore": 3.0}})
+    assert loose.first("exploding").step == 367  # what the looser bar would have said
