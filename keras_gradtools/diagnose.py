@@ -301,7 +301,9 @@ def vanishing_rule(rows, keys, first_step=0, state=None, ratio=1e-3, floor=1e-7,
                      f"{patience} steps: the early layers barely learn."),
             fixes=[
                 "Use ReLU with He initialization instead of sigmoid/tanh "
-                "(`create_deep_sigmoid_model(activation='relu', kernel_initializer='he_normal')`).",
+                "(`Dense(..., activation='relu', kernel_initializer='he_normal')`; with the "
+                "article's builder, `create_deep_sigmoid_model(activation='relu', "
+                "kernel_initializer='he_normal')`).",
                 "Add batch normalization after the hidden layers (`batch_norm=True`).",
                 "Add residual connections (`ResNetBlock`, `resnet_model`), or make the "
                 f"network shallower: {len(layers)} of {n} variables are starved.",
