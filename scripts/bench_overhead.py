@@ -176,6 +176,17 @@ def bench_probe(samples):
     )
 
 
+def _choices(value, known, what, option):
+    """Splits a comma-separated option; an unknown name is a usage error (exit 2)."""
+    chosen = [v.strip() for v in value.split(",") if v.strip()]
+    for name in chosen:
+        if name not in known:
+            raise click.BadParameter(
+                f"unknown {what} {name!r}; choose from {', '.join(known)}", param_hint=option
+            )
+    return chosen
+
+
 @click.command()
 @click.option("--models", "model_names", default="deep_linear,small_cnn",
               show_default=True, help="Comma-separated: deep_linear, small_cnn.")
@@ -189,20 +200,8 @@ def bench_probe(samples):
               type=click.IntRange(min=0), help="0 skips the probe benchmark.")
 def main(model_names, candidates, steps, reps, probe_samples):
     """Per-step overhead of keras_gradtools against plain fit(), interleaved."""
-    names = [m.strip() for m in model_names.split(",") if m.strip()]
-    for name in names:
-        if name not in MODELS:
-            raise click.BadParameter(
-                f"unknown model {name!r}; choose from {', '.join(MODELS)}",
-                param_hint="--models",
-            )
-    chosen = [c.strip() for c in candidates.split(",") if c.strip()]
-    for c in chosen:
-        if c not in CANDIDATES:
-            raise click.BadParameter(
-                f"unknown candidate {c!r}; choose from {', '.join(CANDIDATES)}",
-                param_hint="--candidates",
-            )
+    names = _choices(model_names, MODELS, "model", "--models")
+    chosen = _choices(candidates, CANDIDATES, "candidate", "--candidates")
     click.echo(f"keras {keras.__version__}, devices: "
                f"{[d.name for d in __import__('tensorflow').config.list_logical_devices()]}")
     for name in names:
