@@ -57,6 +57,10 @@ class GradNormLogger(keras.callbacks.Callback):
       once and shared between them.
     - A NaN in the data shows up as a NaN norm at that step; nothing here
       raises because of it.
+    - Not yet under `tf.distribute` with more than one replica: there the
+      train step sees each replica's share of the gradient, and the logger
+      refuses (a `ValueError` at the start of `fit()`) rather than record
+      numbers that are not the applied gradient's.
 
     TensorBoard (`log_dir`): scalars `grad_norm/<key>` and
     `grad_norm/global` every `update_freq` steps, written from the host
@@ -285,6 +289,19 @@ class GradNormLogger(keras.callbacks.Callback):
     # ------------------------------------------------------------------
 
     def on_train_begin(self, logs=None):
+        strategy = getattr(self.model, "distribute_strategy", None)
+        replicas = getattr(strategy, "num_replicas_in_sync", 1)
+        if replicas > 1:
+            # Inside a replica the gradient is one replica's share, not the
+            # all-reduced gradient the optimizer applies: recording it would
+            # report numbers that are not the model's.
+            raise ValueError(
+                "GradNormLogger does not support tf.distribute with more than one "
+                "replica yet: the norms it can read there are per-replica, not those "
+                "of the gradient the optimizer applies. Train on one device, or "
+                "without the logger. Received: "
+                f"strategy={type(strategy).__name__} with {replicas} replicas"
+            )
         self.epoch_end_steps = []
         self._calls_since_flush = 0
         self._steps_per_call = max(
