@@ -39,6 +39,35 @@ def short_name(key):
     return "/".join(key.split("/")[-2:])
 
 
+def short_names(keys):
+    """Compact, still unique labels for variable paths.
+
+    Two path parts where that is enough; more where two labels would collide
+    (a ResNet has a `conv1/kernel` in every block).
+
+    Args:
+        keys: variable paths.
+
+    Returns:
+        A list of labels.
+
+    Example:
+
+    >>> short_names(["net/block_0/conv1/kernel", "net/block_1/conv1/kernel", "net/out/kernel"])
+    ['block_0/conv1/kernel', 'block_1/conv1/kernel', 'out/kernel']
+    """
+    labels = []
+    for key in keys:
+        parts = key.split("/")
+        depth = 2
+        while depth < len(parts) and sum(
+            "/".join(k.split("/")[-depth:]) == "/".join(parts[-depth:]) for k in keys
+        ) > 1:
+            depth += 1
+        labels.append("/".join(parts[-depth:]))
+    return labels
+
+
 def _legend(ax, n):
     if n > 8:
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7,
@@ -119,10 +148,9 @@ def loss_and_grad_norms(history, title="Loss and gradient norms per epoch", path
         lines = ax_loss.get_lines() + ax_acc.get_lines()
         ax_loss.legend(lines, [l.get_label() for l in lines], fontsize=8, loc="center right")
     keys = [k[len("grad_norm/"):] for k in history if k.startswith("grad_norm/")]
-    for key, colour in zip(keys, _layer_colours(len(keys))):
+    for key, label, colour in zip(keys, short_names(keys), _layer_colours(len(keys))):
         values = np.asarray(history[f"grad_norm/{key}"], dtype=float)
-        ax_norm.plot(np.arange(1, len(values) + 1), values, color=colour,
-                     label=short_name(key))
+        ax_norm.plot(np.arange(1, len(values) + 1), values, color=colour, label=label)
     ax_norm.set_yscale("log")
     ax_norm.set_xlabel("epoch")
     ax_norm.set_ylabel("mean gradient L2 norm")
@@ -156,10 +184,11 @@ def weight_histogram(model, title="Weight distribution per layer", bins=60,
     rows = int(np.ceil(n / cols))
     fig = Figure(figsize=(2.6 * cols, 2.1 * rows + 0.6))
     axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
-    for ax, variable in zip(axes, variables):
+    labels = short_names([v.path for v in variables])
+    for ax, variable, label in zip(axes, variables, labels):
         values = np.asarray(variable.numpy(), dtype=float).ravel()
         ax.hist(values, bins=bins, color="tab:blue")
-        ax.set_title(short_name(variable.path), fontsize=8)
+        ax.set_title(label, fontsize=8)
         ax.tick_params(labelsize=6)
     for ax in axes[len(variables):]:
         ax.set_visible(False)
@@ -201,9 +230,9 @@ def grad_norms_over_steps(norms, keys, findings=None, epoch_end_steps=None,
     fig = Figure(figsize=(12, 5))
     ax = fig.subplots()
     steps = np.arange(len(norms))
-    for i, (key, colour) in enumerate(zip(keys, _layer_colours(len(keys)))):
+    for i, (label, colour) in enumerate(zip(short_names(keys), _layer_colours(len(keys)))):
         series = np.where(norms[:, i] > 0, norms[:, i], np.nan)
-        ax.plot(steps, series, color=colour, linewidth=0.7, label=short_name(key))
+        ax.plot(steps, series, color=colour, linewidth=0.7, label=label)
     for end in epoch_end_steps or []:
         ax.axvline(end, color="0.85", linewidth=0.8, zorder=0)
     _finding_markers(ax, findings)
@@ -248,7 +277,7 @@ def gradient_flow(norms, keys, window=None, title="Gradient flow (input -> outpu
     ax.bar(x, mean, color="tab:blue", alpha=0.8, label="mean over the window")
     ax.set_yscale("log")
     ax.set_xticks(x)
-    ax.set_xticklabels([short_name(k) for k in keys], rotation=60, ha="right", fontsize=7)
+    ax.set_xticklabels(short_names(keys), rotation=60, ha="right", fontsize=7)
     ax.set_xlabel("variable (input -> output)")
     ax.set_ylabel("gradient L2 norm")
     span = "all steps" if window is None else f"steps {window[0]}-{window[1]}"
@@ -290,7 +319,7 @@ def norm_heatmap(norms, keys, title="log10 gradient norm, layers x steps", max_c
     image = ax.imshow(logs.T, aspect="auto", interpolation="nearest", cmap="magma",
                       extent=(0, factor * len(logs), len(keys) - 0.5, -0.5))
     ax.set_yticks(np.arange(len(keys)))
-    ax.set_yticklabels([short_name(k) for k in keys], fontsize=7)
+    ax.set_yticklabels(short_names(keys), fontsize=7)
     ax.set_xlabel("training step")
     ax.set_title(title)
     fig.colorbar(image, ax=ax, label="log10 norm")

@@ -99,3 +99,10 @@ def test_plot_command_writes_all_and_never_overwrites(tmp_path):
     assert result.exit_code == 2 and "never overwrites" in result.output
     result = CliRunner().invoke(cli.main, ["plot", str(tmp_path / "nothing")])
     assert result.exit_code == 2
+
+
+def test_labels_stay_unique_for_repeated_block_layers():
+    keys = ["resnet/block_0/conv1/kernel", "resnet/block_1/conv1/kernel", "resnet/output/kernel"]
+    fig = plots.gradient_flow(np.ones((3, 3)), keys)
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == [
+        "block_0/conv1/kernel", "block_1/conv1/kernel", "output/kernel"]
