@@ -157,7 +157,9 @@ def _jsonable(value):
 
 
 def _short(key):
-    return "/".join(key.split("/")[-2:])
+    """The path without the model's name: `deep/dense_3/kernel` -> `dense_3/kernel`."""
+    parts = key.split("/")
+    return "/".join(parts[1:]) if len(parts) >= 3 else key
 
 
 def _span(layers):
