@@ -68,6 +68,10 @@ class GradNormRecorder:
             `model.trainable_variables`.
         include_biases: whether biases are recorded. Defaults to `False`.
         capacity: rows in the ring buffer. Defaults to `4096`.
+        histogram_freq: also bucket each gradient's values every this many
+            steps (0: never), for TensorBoard; read with `histograms()`.
+            Defaults to `0`.
+        histogram_buckets: buckets per histogram. Defaults to `30`.
 
     Example:
 
@@ -105,40 +109,19 @@ class GradNormRecorder:
             for handle in _handles(variable):
                 self._index[id(handle)] = i
         width = max(len(self.variables), 1)
-        with tf.init_scope():
-            self._buffer = tf.Variable(
-                tf.zeros([capacity, width], tf.float32),
-                trainable=False,
-                name="gradtools_norms",
-                synchronization=tf.VariableSynchronization.ON_WRITE,
-                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
-            )
-            self._count = tf.Variable(
-                tf.constant(0, tf.int64),
-                trainable=False,
-                name="gradtools_count",
-                synchronization=tf.VariableSynchronization.ON_WRITE,
-                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
-            )
+        self._buffer = _state_variable(tf.zeros([capacity, width], tf.float32), "gradtools_norms")
+        self._count = _state_variable(tf.constant(0, tf.int64), "gradtools_count")
         self.histogram_freq = int(histogram_freq or 0)
         self.histogram_buckets = int(histogram_buckets)
         if self.histogram_freq:
             slots = capacity // self.histogram_freq + 2
-            with tf.init_scope():
-                self._hist = tf.Variable(
-                    tf.zeros([slots, width, self.histogram_buckets, 3], tf.float32),
-                    trainable=False, name="gradtools_histograms",
-                    synchronization=tf.VariableSynchronization.ON_WRITE,
-                    aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
-                )
-                self._hist_steps = tf.Variable(
-                    tf.fill([slots], tf.constant(-1, tf.int64)), trainable=False,
-                    name="gradtools_histogram_steps",
-                    synchronization=tf.VariableSynchronization.ON_WRITE,
-                    aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
-                )
-        self._read = 0
-        self._chunks = []
+            self._hist = _state_variable(
+                tf.zeros([slots, width, self.histogram_buckets, 3], tf.float32),
+                "gradtools_histograms",
+            )
+            self._hist_steps = _state_variable(
+                tf.fill([slots], tf.constant(-1, tf.int64)), "gradtools_histogram_steps"
+            )
         self.reset()
 
     def reset(self):
@@ -344,6 +327,16 @@ class GradNormRecorder:
     def global_norms(self):
         """1-D array: the norm of all recorded gradients together, per step."""
         return norms_lib.global_norm(self.norms)
+
+
+def _state_variable(initial, name):
+    """A non-trainable variable created outside any trace, written by the train step."""
+    with tf.init_scope():
+        return tf.Variable(
+            initial, trainable=False, name=name,
+            synchronization=tf.VariableSynchronization.ON_WRITE,
+            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+        )
 
 
 def _check_lengths(gradients, variables):
