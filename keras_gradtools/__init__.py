@@ -3,6 +3,8 @@
 from keras_gradtools.callbacks import GradNormLogger
 from keras_gradtools.callbacks import GradientMonitor
 from keras_gradtools.callbacks import GradientProblemError
+from keras_gradtools.clipping import ClippedOptimizer
+from keras_gradtools.clipping import clipped_optimizer
 from keras_gradtools.data import load_mnist
 from keras_gradtools.diagnose import Finding
 from keras_gradtools.diagnose import Report
@@ -25,10 +27,12 @@ from keras_gradtools.recorder import loss_scale_of
 __version__ = "0.1.0"
 
 __all__ = [
+    "ClippedOptimizer",
     "Finding",
     "GradNormLogger",
     "GradientMonitor",
     "GradientProblemError",
+    "clipped_optimizer",
     "Report",
     "ResNetBlock",
     "create_deep_linear_model",

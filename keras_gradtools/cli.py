@@ -168,14 +168,18 @@ def load_run(run_dir):
 
 
 def _clipping_of(config):
-    opt = (config.get("optimizer_config") or {}).get("config", {})
-    if opt.get("inner_optimizer"):
-        opt = opt["inner_optimizer"].get("config", {})
-    parts = [f"{k}={opt[k]:g}" for k in ("clipnorm", "clipvalue", "global_clipnorm")
-             if opt.get(k) is not None]
-    if opt.get("clip") not in (None, "none"):
-        parts.append(f"{opt['clip']}")
-    return ", ".join(parts) or None
+    """The clipping of a saved run's optimizer, described as `describe_clipping` does."""
+    import keras
+
+    from keras_gradtools.diagnose import describe_clipping
+
+    saved = config.get("optimizer_config")
+    if not saved:
+        return None
+    try:
+        return describe_clipping(keras.optimizers.deserialize(saved))
+    except Exception:  # an optimizer this installation cannot rebuild
+        return None
 
 
 @main.command()

@@ -612,18 +612,21 @@ def describe_clipping(optimizer):
     >>> import keras
     >>> describe_clipping(keras.optimizers.Adam(clipnorm=1.0))
     'clipnorm=1'
+    >>> from keras_gradtools.clipping import clipped_optimizer
+    >>> describe_clipping(keras.optimizers.LossScaleOptimizer(clipped_optimizer(clip="zclip")))
+    'zclip(2.5)'
     """
     if optimizer is None:
         return None
+    custom = getattr(optimizer, "gradtools_clipping", None)
+    if custom:  # a keras_gradtools ClippedOptimizer
+        return custom
     inner = getattr(optimizer, "inner_optimizer", None)
-    if inner is not None:
+    if inner is not None:  # a LossScaleOptimizer: the clipping is its inner one's
         return describe_clipping(inner)
     parts = []
     for name in ("clipnorm", "clipvalue", "global_clipnorm"):
         value = getattr(optimizer, name, None)
         if value is not None:
             parts.append(f"{name}={value:g}")
-    custom = getattr(optimizer, "gradtools_clipping", None)
-    if custom:
-        parts.append(custom)
     return ", ".join(parts) or None

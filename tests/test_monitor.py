@@ -104,3 +104,21 @@ def test_bad_arguments_are_named():
         GradientMonitor(actions={"slow": "warn"})
     with pytest.raises(ValueError, match="Unknown rule"):
         GradientMonitor(thresholds={"exploded": {}})
+
+
+@pytest.mark.parametrize("clip", ["norm", "zclip"])
+def test_spike_under_a_clipping_optimizer_is_reported_as_absorbed(clip):
+    from keras_gradtools import clipped_optimizer
+
+    keras.utils.set_random_seed(1)
+    model = create_deep_linear_model(num_layers=2, units=16, input_dim=20,
+                                     activation="relu", kernel_initializer="he_normal")
+    model.compile(optimizer=clipped_optimizer("sgd", 1e-3, clip=clip),
+                  loss="sparse_categorical_crossentropy")
+    x, y = _data(n=8 * 200)
+    x[8 * 150:8 * 151] *= 1e4  # one batch of huge inputs: a gradient spike at step 150
+    monitor = GradientMonitor(verbose=0)
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
+    kinds = [(f.kind, f.step) for f in monitor.report().findings]
+    assert ("clipped_spike", 150) in kinds
+    assert not monitor.report().kinds() & {"exploding"}
