@@ -267,10 +267,10 @@ def run_experiment(
         optimizer: a Keras optimizer replacing the case's. Defaults to
             `None`.
         callbacks: more callbacks for `fit()`. Defaults to `()`.
-        monitor: judge the norms with a `GradientMonitor` (default actions)
-            fed by the run's logger; its report goes to `diagnosis.json`
-            and into the result as `report`. Pass a `GradientMonitor` to
-            choose its settings (its logger is replaced by the run's).
+        monitor: judge the norms with a `GradientMonitor` fed by the run's
+            logger; its report goes to `diagnosis.json` and into the result
+            as `report`. `True` for the default settings, a dict of
+            `GradientMonitor` arguments to choose them, `False` for none.
             Defaults to `True`.
         data: `(x, y)` training arrays to use instead of MNIST (shaped for
             the case's model). Defaults to `None`.
@@ -336,10 +336,8 @@ def run_experiment(
 
     logger = GradNormLogger()
     run_callbacks = [logger]
-    if monitor is True:
-        monitor = GradientMonitor(logger=logger)
     if monitor:
-        monitor.logger, monitor._owns_logger = logger, False
+        monitor = GradientMonitor(logger=logger, **({} if monitor is True else monitor))
         run_callbacks.append(monitor)
     start = time.perf_counter()
     finished = False

@@ -31,7 +31,7 @@ def test_nan_batch_found_at_its_step_and_training_stops(tmp_path):
     x[32 * 30 + 3, 5] = np.nan  # batch 30
     result = run_experiment(
         "exploding", epochs=1, out_dir=str(tmp_path), data=(x, y), verbose=0, shuffle=False,
-        write_figures=False, monitor=GradientMonitor(check_every=10, verbose=0),
+        write_figures=False, monitor={"check_every": 10, "verbose": 0},
     )
     finding = result["report"].first("nonfinite")
     assert finding.step == 30 and finding.epoch == 1
