@@ -7,6 +7,7 @@ import os
 import numpy as np
 import keras
 
+from keras_gradtools import diagnose
 from keras_gradtools import norms as norms_lib
 from keras_gradtools import recorder as recorder_lib
 
@@ -493,8 +494,6 @@ class GradientMonitor(keras.callbacks.Callback):
                 f"Received: logger={logger!r}"
             )
         actions = dict(actions or {})
-        from keras_gradtools import diagnose
-
         for kind, action in actions.items():
             if kind not in diagnose.KINDS:
                 raise ValueError(
@@ -518,8 +517,6 @@ class GradientMonitor(keras.callbacks.Callback):
 
     # The monitor is a reader of the logger's flushes.
     def _on_rows(self, first_step, rows):
-        from keras_gradtools import diagnose
-
         if self.diagnoser is None:
             self.diagnoser = diagnose.Diagnoser(
                 self.logger.keys, thresholds=self.thresholds,
@@ -547,8 +544,6 @@ class GradientMonitor(keras.callbacks.Callback):
 
     def report(self):
         """The findings so far, as a `keras_gradtools.diagnose.Report`."""
-        from keras_gradtools import diagnose
-
         if self.diagnoser is None:
             return diagnose.Report(findings=[], steps=0,
                                    keys=self.logger.keys if self.logger else [])
