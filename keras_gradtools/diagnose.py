@@ -9,9 +9,10 @@ afterwards (`diagnose_norms`, `gradtools diagnose`), with the same result:
 
 Rules and their defaults:
 
-- `vanishing_rule`: a layer's norm below `ratio` (1e-3) of the output
-  layer's (the last recorded variable), or below the absolute `floor`
-  (1e-7), for `patience` (50) consecutive steps.
+- `vanishing_rule`: a weight's norm below `ratio` (1e-3) of the output
+  layer's (the last recorded weight), or below the absolute `floor`
+  (1e-7), for `patience` (50) consecutive steps; batch-norm `gamma`/`beta`
+  and biases are not judged.
 - `exploding_rule`: a spike of the global norm, or of a layer's, against its
   own recent history: on the log scale, an exponential moving average
   (`alpha` 0.97) of mean and variance; a step whose z-score exceeds
@@ -40,7 +41,8 @@ KINDS = ("nonfinite", "exploding", "vanishing", "dead_layer", "clipped_spike")
 FAILURE_KINDS = ("nonfinite", "exploding", "vanishing", "dead_layer")
 
 DEFAULTS = {
-    "vanishing": {"ratio": 1e-3, "floor": 1e-7, "patience": 50},
+    "vanishing": {"ratio": 1e-3, "floor": 1e-7, "patience": 50,
+                  "skip": ("gamma", "beta", "bias")},
     "exploding": {"alpha": 0.97, "zscore": 3.0, "layer_zscore": 5.0, "ratio": 10.0,
                   "warmup": 100, "ceiling": 1e6},
     "dead_layer": {"patience": 50},
@@ -225,7 +227,7 @@ def nonfinite_rule(rows, keys, first_step=0, state=None):
 
 
 def vanishing_rule(rows, keys, first_step=0, state=None, ratio=1e-3, floor=1e-7,
-                   patience=50):
+                   patience=50, skip=("gamma", "beta", "bias")):
     """Finds layers whose gradient is a tiny fraction of the output layer's.
 
     At each step a variable is "starved" when its norm is below `ratio`
@@ -233,6 +235,11 @@ def vanishing_rule(rows, keys, first_step=0, state=None, ratio=1e-3, floor=1e-7,
     the absolute `floor`; exact zeros are left to `dead_layer_rule`. The
     rule fires when some variable has been starved for `patience`
     consecutive steps; the finding names every variable starved then.
+    Vectors of normalization and bias parameters (variables named as in
+    `skip`) are not judged and are never the reference: their norms are
+    small by nature (a converged ResNet's last batch-norm `gamma` sits at
+    3.5e-4 of its output layer's) and say nothing about the signal
+    reaching the weights.
 
     Args:
         rows: `(steps, len(keys))` norms.
@@ -243,6 +250,8 @@ def vanishing_rule(rows, keys, first_step=0, state=None, ratio=1e-3, floor=1e-7,
         ratio: relative threshold. Defaults to `1e-3`.
         floor: absolute threshold. Defaults to `1e-7`.
         patience: consecutive steps. Defaults to `50`.
+        skip: variable names (last path part) that are not judged.
+            Defaults to `("gamma", "beta", "bias")`.
 
     Returns:
         `(findings, state)`; at most one finding per run.
@@ -268,14 +277,19 @@ def vanishing_rule(rows, keys, first_step=0, state=None, ratio=1e-3, floor=1e-7,
     past = np.concatenate([np.asarray(state["tail"], float).reshape(-1, n), rows])
     offset = len(past) - len(rows)
     state["tail"] = past[-patience:]
-    reference = rows[:, -1:]
+    judged = np.array([k.split("/")[-1] not in skip for k in keys])
+    if not judged.any():
+        return findings, state
+    ref = int(np.flatnonzero(judged)[-1])
+    reference = rows[:, ref:ref + 1]
     with np.errstate(all="ignore"):
         rel = rows / reference
-    starved = np.zeros_like(rows, dtype=bool)
-    starved[:, :-1] = rel[:, :-1] < ratio
+    starved = rel < ratio
+    starved[:, ref] = False
     starved |= rows < floor
     starved &= rows > 0
     starved &= np.isfinite(rows)
+    starved &= judged
     for i in range(len(rows)):
         run = np.where(starved[i], state["run"] + 1, 0)
         state["run"] = run
@@ -287,19 +301,19 @@ def vanishing_rule(rows, keys, first_step=0, state=None, ratio=1e-3, floor=1e-7,
         window = past[offset + i - patience + 1:offset + i + 1]
         idx = [keys.index(k) for k in layers]
         median = np.median(window[:, idx], axis=0)
-        ref = float(np.median(window[:, -1]))
-        worst = float(np.min(median / ref)) if ref > 0 else float("nan")
+        ref_norm = float(np.median(window[:, ref]))
+        worst = float(np.min(median / ref_norm)) if ref_norm > 0 else float("nan")
         findings.append(Finding(
             kind="vanishing", step=step - patience + 1, detected_step=step,
             layers=layers,
             evidence={
-                "reference_layer": keys[-1], "reference_norm": ref,
+                "reference_layer": keys[ref], "reference_norm": ref_norm,
                 "layer_norms": {k: float(m) for k, m in zip(layers, median)},
                 "smallest_ratio": worst, "ratio_threshold": ratio,
                 "floor": floor, "patience": patience,
             },
             message=(f"{_span(layers)} get(s) gradients down to {worst:.2g} times the output "
-                     f"layer's ({_short(keys[-1])}: {ref:.3g}), below {ratio:g} for "
+                     f"layer's ({_short(keys[ref])}: {ref_norm:.3g}), below {ratio:g} for "
                      f"{patience} steps: the early layers barely learn."),
             fixes=[
                 "Use ReLU with He initialization instead of sigmoid/tanh "
@@ -308,7 +322,7 @@ def vanishing_rule(rows, keys, first_step=0, state=None, ratio=1e-3, floor=1e-7,
                 "kernel_initializer='he_normal')`).",
                 "Add batch normalization after the hidden layers (`batch_norm=True`).",
                 "Add residual connections (`ResNetBlock`, `resnet_model`), or make the "
-                f"network shallower: {len(layers)} of {n} variables are starved.",
+                f"network shallower: {len(layers)} of {int(judged.sum())} weights are starved.",
             ],
         ))
     return findings, state

@@ -185,3 +185,26 @@ def test_real_healthy_resnet_norms_raise_no_alarm():
     assert report.findings == []
     loose = diagnose_norms(data["norms"], keys, thresholds={"exploding": {"layer_zscore": 3.0}})
     assert loose.first("exploding").step == 367  # what the looser bar would have said
+
+
+def test_converged_resnet_batchnorm_gain_is_not_vanishing():
+    """Regression: steps 5100-5299 of a real 10-epoch ResNet run (train accuracy 0.995 at the end).
+
+    From step 5193 the last block's bn1/gamma gradient sat below 1e-3 of the output layer's for
+    50 steps; batch-norm gains and shifts are small by nature and are not judged.
+    """
+    import os
+
+    data = np.load(os.path.join(os.path.dirname(__file__), "data", "resnet_norms_steps5100_5300.npz"))
+    keys = [str(k) for k in data["keys"]]
+    assert diagnose_norms(data["norms"], keys).findings == []
+    judged_all = diagnose_norms(data["norms"], keys, thresholds={"vanishing": {"skip": ()}})
+    finding = judged_all.first("vanishing")
+    assert finding.layers == ["resnet/block_5/bn1/gamma"] and finding.step == 93  # 5193 - 5100
+
+
+def test_vanishing_reference_is_the_last_judged_weight():
+    keys = ["m/a/kernel", "m/a/bias", "m/out/kernel", "m/out/bias"]
+    rows = np.tile([1e-6, 1e-9, 1.0, 1e-9], (50, 1))  # tiny biases are not judged nor the reference
+    (f,), _ = vanishing_rule(rows, keys)
+    assert f.layers == ["m/a/kernel"] and f.evidence["reference_layer"] == "m/out/kernel"
