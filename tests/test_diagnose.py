@@ -200,7 +200,7 @@ def test_converged_resnet_batchnorm_gain_is_not_vanishing():
     assert diagnose_norms(data["norms"], keys).findings == []
     judged_all = diagnose_norms(data["norms"], keys, thresholds={"vanishing": {"skip": ()}})
     finding = judged_all.first("vanishing")
-    assert finding.layers == ["resnet/block_5/bn1/gamma"] and finding.step == 93  # 5193 - 5100
+    assert finding.layers == ["block_5/bn1/gamma"] and finding.step == 93  # 5193 - 5100
 
 
 def test_vanishing_reference_is_the_last_judged_weight():
