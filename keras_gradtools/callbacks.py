@@ -82,7 +82,9 @@ class GradNormLogger(keras.callbacks.Callback):
             to `256`.
         log_dir: TensorBoard run directory, or `None` for no TensorBoard
             output. Defaults to `None`.
-        update_freq: write scalars every this many steps. Defaults to `10`.
+        update_freq: write scalars every this many steps. Defaults to `50`
+            (every 10 steps cost about 10% on a 7 ms CPU step: see
+            `scripts/bench_overhead.py`).
         histogram_freq: write gradient histograms every this many steps; 0
             for none. Defaults to `0`.
         histogram_buckets: buckets per histogram. Defaults to `30`.
@@ -106,7 +108,7 @@ class GradNormLogger(keras.callbacks.Callback):
     """
 
     def __init__(self, include_biases=False, flush_every=256, log_dir=None,
-                 update_freq=10, histogram_freq=0, histogram_buckets=30):
+                 update_freq=50, histogram_freq=0, histogram_buckets=30):
         super().__init__()
         for name, value, low in (("flush_every", flush_every, 1), ("update_freq", update_freq, 1),
                                  ("histogram_freq", histogram_freq, 0),

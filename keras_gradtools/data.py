@@ -6,7 +6,7 @@ import zipfile
 
 import numpy as np
 
-BUNDLED_MNIST = os.path.join(os.path.dirname(__file__), "data", "mnist.npz")
+BUNDLED_MNIST = os.path.join(os.path.dirname(__file__), "bundled", "mnist.npz")
 BUNDLED_MNIST_SHA256 = (
     "06af5dfe73b70e3bc1c36439982b18a8d76803db9b544f6fdf838a37fbb01b64"
 )

@@ -155,6 +155,27 @@ def _dedup_indexed_slices(gradient):
     return tf.math.unsorted_segment_sum(sorted_values, segment_ids, count)
 
 
+def half_squared_norm(gradient):
+    """`sum(g ** 2) / 2` of one gradient, as a float32 scalar (`tf.nn.l2_loss`).
+
+    The building block of `gradient_norm`: one fused kernel, one pass over
+    the gradient. Same conventions as `gradient_norm` for dtypes,
+    `tf.IndexedSlices` and `None`.
+
+    Args:
+        gradient: a tensor, a `tf.IndexedSlices` or `None`.
+
+    Returns:
+        A scalar float32 tensor.
+    """
+    if gradient is None:
+        return tf.constant(0.0, tf.float32)
+    if isinstance(gradient, tf.IndexedSlices):
+        gradient = _dedup_indexed_slices(gradient)
+    # l2_loss is one fused kernel (sum of squares / 2): one pass, one op.
+    return tf.nn.l2_loss(tf.cast(gradient, tf.float32))
+
+
 def gradient_norm(gradient):
     """Returns the L2 norm of one gradient, as a float32 scalar tensor.
 
@@ -175,12 +196,7 @@ def gradient_norm(gradient):
     >>> float(gradient_norm(tf.constant([3.0, 4.0])))
     5.0
     """
-    if gradient is None:
-        return tf.constant(0.0, tf.float32)
-    if isinstance(gradient, tf.IndexedSlices):
-        gradient = _dedup_indexed_slices(gradient)
-    gradient = tf.cast(gradient, tf.float32)
-    return tf.sqrt(tf.reduce_sum(tf.square(gradient)))
+    return tf.sqrt(2.0 * half_squared_norm(gradient))
 
 
 def gradient_norms(gradients):
@@ -199,7 +215,7 @@ def gradient_norms(gradients):
     """
     if not gradients:
         return tf.zeros([0], tf.float32)
-    return tf.stack([gradient_norm(g) for g in gradients])
+    return tf.sqrt(2.0 * tf.stack([half_squared_norm(g) for g in gradients]))
 
 
 def global_norm(norms, axis=-1):
