@@ -464,7 +464,8 @@ class GradientMonitor(keras.callbacks.Callback):
         thresholds: per-rule overrides of the thresholds, e.g.
             `{"vanishing": {"ratio": 1e-4, "patience": 100}}`. Defaults to
             `None`.
-        check_every: steps between checks. Defaults to `50`.
+        check_every: steps between checks (each one reads the recording from
+            the device). Defaults to `100`.
         verbose: print findings as they are found (0 or 1). Defaults to `1`.
 
     Example:
@@ -482,7 +483,7 @@ class GradientMonitor(keras.callbacks.Callback):
     ('deep_sigmoid/dense_0/kernel', 0)
     """
 
-    def __init__(self, logger=None, actions=None, thresholds=None, check_every=50,
+    def __init__(self, logger=None, actions=None, thresholds=None, check_every=100,
                  verbose=1):
         super().__init__()
         if not isinstance(check_every, int) or check_every < 1:
