@@ -22,23 +22,6 @@ def _layer_colours(n):
     return [cm.viridis(i / max(n - 1, 1) * 0.9) for i in range(n)]
 
 
-def short_name(key):
-    """A compact label for a variable path: `deep/dense_3/kernel` -> `dense_3/kernel`.
-
-    Args:
-        key: a variable path.
-
-    Returns:
-        The last two parts of the path.
-
-    Example:
-
-    >>> short_name("deep_sigmoid/dense_3/kernel")
-    'dense_3/kernel'
-    """
-    return "/".join(key.split("/")[-2:])
-
-
 def short_names(keys):
     """Compact, still unique labels for variable paths.
 
