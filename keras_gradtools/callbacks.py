@@ -208,14 +208,14 @@ class GradNormLogger(keras.callbacks.Callback):
                 f"Received: path={path!r}"
             )
         norms = self.norms
-        epochs = _epoch_of_steps(len(norms), self.epoch_end_steps)
         with open(path, "x", newline="") as f:
             if ext == ".csv":
                 writer = csv.writer(f)
                 writer.writerow(["step", "epoch", "global"] + self.keys)
                 for step, row in enumerate(norms):
                     writer.writerow(
-                        [step, int(epochs[step]), repr(float(norms_lib.global_norm(row)))]
+                        [step, diagnose.epoch_of_step(step, self.epoch_end_steps) - 1,
+                         repr(float(norms_lib.global_norm(row)))]
                         + [repr(float(v)) for v in row]
                     )
             else:
@@ -394,15 +394,6 @@ def _nan_aware_max(values):
     if np.isnan(values).any():
         return np.nan
     return values.max()
-
-
-def _epoch_of_steps(num_steps, epoch_end_steps):
-    """Epoch index (0-based) of each step, from the epoch boundaries."""
-    epochs = np.searchsorted(
-        np.asarray(epoch_end_steps, dtype=np.int64), np.arange(num_steps),
-        side="right",
-    )
-    return epochs
 
 
 def _json_float(value):
