@@ -22,7 +22,9 @@ from keras_gradtools.probe import compute_weight_gradient_norms
 from keras_gradtools.recorder import GradNormModel
 from keras_gradtools.recorder import GradNormRecorder
 from keras_gradtools.recorder import instrument_model
+from keras_gradtools.recorder import is_chief
 from keras_gradtools.recorder import loss_scale_of
+from keras_gradtools.recorder import recording
 
 __version__ = "0.1.0"
 
@@ -48,6 +50,8 @@ __all__ = [
     "gradient_norms",
     "instrument_model",
     "is_bias",
+    "is_chief",
     "loss_scale_of",
+    "recording",
     "variable_key",
 ]

@@ -3,9 +3,11 @@
 import csv
 import json
 import os
+import warnings
 
 import numpy as np
 import keras
+import tensorflow as tf
 
 from keras_gradtools import diagnose
 from keras_gradtools import norms as norms_lib
@@ -42,8 +44,10 @@ class GradNormLogger(keras.callbacks.Callback):
     Details a user relies on:
 
     - Under a loss-scaling optimizer (`mixed_float16`) the norms are those
-      of the unscaled gradients. A step whose gradients are not finite is
-      recorded as NaN/Inf (the loss-scale optimizer then skips it).
+      of the unscaled gradients. A step that the loss-scale optimizer skips
+      (its scaled gradients overflowed) is recorded with its non-finite
+      norms and listed in `skipped_steps`; `GradientMonitor` does not judge
+      it (a long run of skips is reported: see `diagnose.nonfinite_rule`).
     - The norms are pre-clipping: they are the gradients the optimizer
       receives, before its own `clipnorm`/`clipvalue`/`global_clipnorm`.
     - Frozen variables are not trainable and are not recorded. A trainable
@@ -58,10 +62,15 @@ class GradNormLogger(keras.callbacks.Callback):
       once and shared between them.
     - A NaN in the data shows up as a NaN norm at that step; nothing here
       raises because of it.
-    - Not yet under `tf.distribute` with more than one replica: there the
-      train step sees each replica's share of the gradient, and the logger
-      refuses (a `ValueError` at the start of `fit()`) rather than record
-      numbers that are not the applied gradient's.
+    - Under `tf.distribute.MirroredStrategy` (and MultiWorkerMirroredStrategy)
+      the norms are those of the all-reduced gradient the optimizer applies,
+      taken as it leaves the optimizer's own all-reduce (no second
+      all-reduce), and written once per worker; only the chief worker writes
+      TensorBoard events (`is_chief`). Keras' own `clipnorm`/`clipvalue`/
+      `global_clipnorm` clip each replica's share before the sum there: the
+      logger warns and records the summed, applied gradient (use
+      `clipped_optimizer` inside the strategy scope to clip the sum). Other
+      strategies with several replicas are refused with a `ValueError`.
 
     TensorBoard (`log_dir`): scalars `grad_norm/<key>` and
     `grad_norm/global` every `update_freq` steps, written from the host
@@ -124,6 +133,7 @@ class GradNormLogger(keras.callbacks.Callback):
         self.histogram_freq = histogram_freq
         self.histogram_buckets = histogram_buckets
         self.writer = None
+        self.is_chief = True
         self._first_iteration = 0
         self.recorder = None
         self.applied_recorder = None
@@ -162,6 +172,20 @@ class GradNormLogger(keras.callbacks.Callback):
         return norms_lib.global_norm(self.norms) if self.recorder else np.zeros(0)
 
     @property
+    def skipped_steps(self):
+        """1-D int array: the steps the loss-scale optimizer skipped.
+
+        Under `mixed_float16`, Keras' `LossScaleOptimizer` skips a step whose
+        scaled gradients overflow and halves its scale: that is its normal
+        working, not an exploding gradient. Those steps are recorded (their
+        norms are non-finite, or NaN under several replicas) and listed
+        here; `GradientMonitor` does not judge them.
+        """
+        if self.recorder is None:
+            return np.zeros(0, int)
+        return np.flatnonzero(self.recorder.skipped)
+
+    @property
     def applied_history(self):
         """Dict `key -> 1-D array` of post-clipping norms, or `{}`.
 
@@ -187,8 +211,8 @@ class GradNormLogger(keras.callbacks.Callback):
         The CSV has a header `step,epoch,global,<key>...` and one row per
         step; the JSON holds `keys`, `epoch_end_steps` and `norms` (a list
         of rows; non-finite values are written as the strings `"nan"`,
-        `"inf"`, `"-inf"`), and `applied_norms` (post-clipping) when the
-        optimizer clips. The file must not exist yet.
+        `"inf"`, `"-inf"`), `skipped_steps` (see `skipped_steps`), and
+        `applied_norms` (post-clipping) when the optimizer clips. The file must not exist yet.
 
         Args:
             path: destination, ending in `.csv` or `.json`.
@@ -222,6 +246,7 @@ class GradNormLogger(keras.callbacks.Callback):
                 data = {
                     "keys": self.keys,
                     "epoch_end_steps": list(self.epoch_end_steps),
+                    "skipped_steps": [int(i) for i in self.skipped_steps],
                     "norms": [[_json_float(v) for v in row] for row in norms],
                 }
                 if self.applied_recorder is not None:
@@ -236,7 +261,7 @@ class GradNormLogger(keras.callbacks.Callback):
     # ------------------------------------------------------------------
 
     def _add_reader(self, reader):
-        """Calls `reader(first_step, new_rows)` after every flush."""
+        """Calls `reader(first_step, new_rows, skipped)` after every flush."""
         if reader not in self._readers:
             self._readers.append(reader)
 
@@ -262,7 +287,7 @@ class GradNormLogger(keras.callbacks.Callback):
             self._write_summaries(first, rows, applied)
         if len(rows):
             for reader in list(self._readers):
-                reader(first, rows)
+                reader(first, rows, self.recorder.last_skipped)
         return rows
 
     def tensorboard_step(self, step):
@@ -292,25 +317,19 @@ class GradNormLogger(keras.callbacks.Callback):
     # ------------------------------------------------------------------
 
     def on_train_begin(self, logs=None):
-        strategy = getattr(self.model, "distribute_strategy", None)
-        replicas = getattr(strategy, "num_replicas_in_sync", 1)
+        strategy = getattr(self.model, "distribute_strategy", None) or tf.distribute.get_strategy()
+        replicas = int(getattr(strategy, "num_replicas_in_sync", 1))
         if replicas > 1:
-            # Inside a replica the gradient is one replica's share, not the
-            # all-reduced gradient the optimizer applies: recording it would
-            # report numbers that are not the model's.
-            raise ValueError(
-                "GradNormLogger does not support tf.distribute with more than one "
-                "replica yet: the norms it can read there are per-replica, not those "
-                "of the gradient the optimizer applies. Train on one device, or "
-                "without the logger. Received: "
-                f"strategy={type(strategy).__name__} with {replicas} replicas"
-            )
+            _check_strategy(strategy, self.model.optimizer)
+        # Under MultiWorkerMirroredStrategy every worker records (the same
+        # numbers); only the chief writes TensorBoard events.
+        self.is_chief = recorder_lib.is_chief(strategy)
         self.epoch_end_steps = []
         self._calls_since_flush = 0
         self._steps_per_call = max(
             1, int(getattr(self.model, "steps_per_execution", 1) or 1)
         )
-        if self.log_dir is not None:
+        if self.log_dir is not None and self.is_chief:
             from keras_gradtools.summaries import GradientSummaryWriter
 
             self.writer = GradientSummaryWriter(self.log_dir)
@@ -373,6 +392,36 @@ class GradNormLogger(keras.callbacks.Callback):
             if self.writer is not None:
                 self.writer.close()
                 self.writer = None
+
+
+_SUPPORTED_STRATEGIES = ("MirroredStrategy", "MultiWorkerMirroredStrategy",
+                         "CollectiveAllReduceStrategy")
+
+
+def _check_strategy(strategy, optimizer):
+    """Refuses strategies whose all-reduce the logger cannot see; warns on per-replica clipping."""
+    name = type(strategy).__name__
+    if name not in _SUPPORTED_STRATEGIES:
+        raise ValueError(
+            "GradNormLogger records the all-reduced gradient under MirroredStrategy and "
+            "MultiWorkerMirroredStrategy; with several replicas it does not support "
+            f"{name}. Received: strategy={name} with "
+            f"{strategy.num_replicas_in_sync} replicas"
+        )
+    inner = recorder_lib._innermost(optimizer) if optimizer is not None else None
+    own = [a for a in ("clipnorm", "clipvalue", "global_clipnorm")
+           if not hasattr(inner, "clip_gradients") and getattr(inner, a, None) is not None]
+    if own:
+        warnings.warn(
+            f"Under {name} with {strategy.num_replicas_in_sync} replicas, Keras applies "
+            f"{own[0]} to each replica's share of the gradient before summing them, so "
+            "the clipping is not that of the global gradient, and the pre-clipping norm "
+            "of the summed gradient is never formed: GradNormLogger records the summed, "
+            "applied gradient in both `history` and `applied_history`. For clipping on the "
+            "summed gradient use `keras_gradtools.clipping.clipped_optimizer(...)` "
+            "created inside `strategy.scope()`.",
+            stacklevel=3,
+        )
 
 
 def _clips(optimizer):
@@ -510,13 +559,13 @@ class GradientMonitor(keras.callbacks.Callback):
         self._announced = set()
 
     # The monitor is a reader of the logger's flushes.
-    def _on_rows(self, first_step, rows):
+    def _on_rows(self, first_step, rows, skipped=None):
         if self.diagnoser is None:
             self.diagnoser = diagnose.Diagnoser(
                 self.logger.keys, thresholds=self.thresholds,
                 clipping=diagnose.describe_clipping(self.model.optimizer),
             )
-        for finding in self.diagnoser.feed(first_step, rows):
+        for finding in self.diagnoser.feed(first_step, rows, skipped):
             finding.epoch = diagnose.epoch_of_step(
                 finding.step, self.logger.epoch_end_steps
             )

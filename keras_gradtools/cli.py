@@ -157,6 +157,9 @@ def load_run(run_dir):
         norms = np.array([[float(v) for v in row] for row in data["norms"]],
                          dtype=float).reshape(-1, len(keys))
         epoch_end_steps = [int(s) for s in data.get("epoch_end_steps", [])]
+        skipped_steps = [int(s) for s in data.get("skipped_steps", [])]
+        if any(not 0 <= s < len(norms) for s in skipped_steps):
+            raise ValueError("a skipped step outside the recording")
     except (KeyError, TypeError, ValueError) as e:
         raise click.UsageError(
             f"{norms_path} is not a gradient-norm recording ({e!r})"
@@ -164,6 +167,7 @@ def load_run(run_dir):
     config = {}
     if os.path.exists(os.path.join(run_dir, "config.json")):
         config = _read_json(os.path.join(run_dir, "config.json"), "config.json")
+    config["skipped_steps"] = skipped_steps
     return norms, keys, epoch_end_steps, config
 
 
@@ -190,7 +194,8 @@ def diagnose(run_dir, as_json):
     from keras_gradtools.diagnose import diagnose_norms
 
     norms, keys, epoch_end_steps, config = load_run(run_dir)
-    report = diagnose_norms(norms, keys, epoch_end_steps, clipping=_clipping_of(config))
+    report = diagnose_norms(norms, keys, epoch_end_steps, clipping=_clipping_of(config),
+                            skipped_steps=config.get("skipped_steps"))
     click.echo(report.to_json(indent=1) if as_json else str(report))
 
 

@@ -12,20 +12,30 @@ them:
   `ClippedOptimizer` (a serializable wrapper, built like Keras'
   `LossScaleOptimizer`) for `"agc"`, `"autoclip"` and `"zclip"`, whose state
   lives in optimizer variables and is saved with the model.
+- Under a `tf.distribute` strategy with several replicas, Keras' own
+  clipping acts on each replica's share of the gradient *before* the shares
+  are summed (so `global_clipnorm` is not global). `clipped_optimizer`
+  called inside `strategy.scope()` then returns a `ClippedOptimizer` for
+  every method, which clips the summed gradient, once, after the
+  all-reduce that the optimizer does anyway.
 
 `None` gradients pass through untouched everywhere.
 """
+
+import functools
 
 import numpy as np
 import tensorflow as tf
 import keras
 
 from keras_gradtools import norms as norms_lib
+from keras_gradtools import recorder as recorder_lib
 
 CLIP_METHODS = ("none", "value", "norm", "global_norm", "agc", "autoclip", "zclip")
 _KERAS_ARGUMENT = {"value": "clipvalue", "norm": "clipnorm", "global_norm": "global_clipnorm"}
 _DEFAULT_THRESHOLD = {"value": 1.0, "norm": 1.0, "global_norm": 1.0, "agc": 0.01,
                       "autoclip": 10.0, "zclip": 2.5}
+_WRAPPER_METHODS = ("value", "norm", "global_norm", "agc", "autoclip", "zclip")
 
 
 def _map(fn, grads):
@@ -298,7 +308,7 @@ def zclip(grads, state, zscore=2.5, alpha=0.97, warmup=25):
 
 @keras.saving.register_keras_serializable(package="keras_gradtools")
 class ClippedOptimizer(keras.optimizers.Optimizer):
-    """Wraps an optimizer with adaptive gradient clipping (AGC, AutoClip, ZClip).
+    """Wraps an optimizer with gradient clipping, applied to the summed gradient.
 
     Built like Keras' `LossScaleOptimizer`: it holds an `inner_optimizer`,
     clips the gradients it receives with one of the functions of this
@@ -309,15 +319,24 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
     optimizer in a `LossScaleOptimizer`, which unscales the gradients before
     they reach here: clipping always sees unscaled gradients.
 
+    Under `tf.distribute` with several replicas (MirroredStrategy,
+    MultiWorkerMirroredStrategy) the clipping is applied to the all-reduced
+    gradient, as it leaves the inner optimizer's all-reduce: the global norm
+    is the global gradient's, and no extra all-reduce is added. That is why
+    it also takes `"value"`, `"norm"` and `"global_norm"`: Keras' own
+    arguments clip each replica's share before the sum.
+
     `last_raw_norm` and `last_applied_norm` hold the global gradient norm
     before and after clipping at the latest step; `GradNormLogger` records
     the applied per-variable norms too (`applied_history`).
 
     Args:
         inner_optimizer: the Keras optimizer that applies the updates.
-        clip: `"agc"`, `"autoclip"` or `"zclip"`.
-        threshold: AGC's clip factor, AutoClip's percentile, ZClip's z-score.
-            Defaults to `None` (0.01, 10, 2.5).
+        clip: `"value"`, `"norm"`, `"global_norm"`, `"agc"`, `"autoclip"`
+            or `"zclip"`.
+        threshold: the largest element, per-variable norm or global norm;
+            AGC's clip factor, AutoClip's percentile, ZClip's z-score.
+            Defaults to `None` (1.0, 1.0, 1.0, 0.01, 10, 2.5).
         eps: AGC's floor on weight norms. Defaults to `1e-3`.
         agc_skip_last_layer: leave the final layer unclipped, as the AGC
             paper does (the variables of the layer that owns the last
@@ -346,10 +365,10 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
                 )
             kwargs.pop(arg, None)
         kwargs.pop("learning_rate", None)
-        if clip not in ("agc", "autoclip", "zclip"):
+        if clip not in _WRAPPER_METHODS:
             raise ValueError(
-                "`clip` must be one of 'agc', 'autoclip', 'zclip' (use Keras' own "
-                f"arguments for the others). Received: clip={clip!r}"
+                f"`clip` must be one of {', '.join(map(repr, _WRAPPER_METHODS))}. "
+                f"Received: clip={clip!r}"
             )
         _check_no_keras_clipping(inner_optimizer, clip)
         threshold = _DEFAULT_THRESHOLD[clip] if threshold is None else float(threshold)
@@ -364,6 +383,16 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
         self.alpha = alpha
         self.warmup = int(warmup)
         self._applied_hooks = []
+        self._reduced_hooks = []
+        self._owners = {}
+        # The all-reduce of several replicas happens in the innermost
+        # optimizer; clipping the sum means acting as it leaves it. With one
+        # replica this passes the gradients through (they were clipped in
+        # `apply`). Replicas are traced in parallel threads: the hook is set
+        # once, here, never swapped during a step.
+        reducer = recorder_lib.reducing_optimizer(inner_optimizer)
+        reducer._all_reduce_sum_gradients = functools.partial(
+            _reduce_and_clip, self, type(reducer)._all_reduce_sum_gradients.__get__(reducer))
 
     @property
     def gradtools_clipping(self):
@@ -373,21 +402,19 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
         if self.built:
             return
         zeros = keras.initializers.Zeros()
-        self.last_raw_norm = self.add_variable((), initializer=zeros, name="last_raw_norm")
-        self.last_applied_norm = self.add_variable((), initializer=zeros,
-                                                   name="last_applied_norm")
+        # Written in replica context with the same (all-reduced) values on
+        # every replica: the first replica's write stands for all.
+        add = functools.partial(self.add_variable, initializer=zeros,
+                                aggregation="only_first_replica")
+        self.last_raw_norm = add((), name="last_raw_norm")
+        self.last_applied_norm = add((), name="last_applied_norm")
         if self.clip == "autoclip":
-            self.clip_history = self.add_variable((self.history_size,), initializer=zeros,
-                                                  name="clip_history")
-            self.clip_count = self.add_variable((), initializer=zeros, dtype="int64",
-                                                name="clip_count")
+            self.clip_history = add((self.history_size,), name="clip_history")
+            self.clip_count = add((), dtype="int64", name="clip_count")
         elif self.clip == "zclip":
-            self.z_state = [
-                self.add_variable((), initializer=zeros, name=n)
-                for n in ("z_mean", "z_var", "z_warm_sum", "z_warm_sumsq")
-            ]
-            self.clip_count = self.add_variable((), initializer=zeros, dtype="int64",
-                                                name="clip_count")
+            self.z_state = [add((), name=n)
+                            for n in ("z_mean", "z_var", "z_warm_sum", "z_warm_sumsq")]
+            self.clip_count = add((), dtype="int64", name="clip_count")
         self.inner_optimizer.build(var_list)
         super().build(var_list)
 
@@ -399,7 +426,13 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
         """Clips `grads` with this optimizer's method, updating its state."""
         grads = list(grads)
         raw = global_norm(grads)
-        if self.clip == "agc":
+        if self.clip == "value":
+            grads = clip_by_value(grads, self.threshold)
+        elif self.clip == "norm":
+            grads = clip_by_norm(grads, self.threshold)
+        elif self.clip == "global_norm":
+            grads = clip_by_global_norm(grads, self.threshold, norm=raw)
+        elif self.clip == "agc":
             skip = _last_layer_indices(trainable_variables) if self.agc_skip_last_layer else ()
             grads = adaptive_clip(grads, trainable_variables, self.threshold, self.eps, skip)
         elif self.clip == "autoclip":
@@ -429,6 +462,16 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
             self.built = True
         variables = (list(trainable_variables) if trainable_variables is not None
                      else list(self.inner_optimizer._trainable_variables))
+        if _replicas() > 1:
+            # Each replica holds its share of the gradient here: the sum is
+            # clipped as it leaves the inner optimizer's all-reduce
+            # (`_reduce_and_clip`).
+            self._owners = {}
+            for variable in variables:
+                for handle in recorder_lib._handles(variable):
+                    self._owners[id(handle)] = variable
+            self.inner_optimizer.apply(grads, trainable_variables)
+            return
         grads = self.clip_gradients(grads, variables)
         for hook in list(self._applied_hooks):
             hook(grads, variables)
@@ -472,6 +515,30 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
             config.pop("inner_optimizer"), custom_objects=custom_objects
         )
         return cls(inner, **config)
+
+
+def _replicas():
+    context = tf.distribute.get_replica_context()
+    return context.num_replicas_in_sync if context is not None else (
+        tf.distribute.get_strategy().num_replicas_in_sync)
+
+
+def _reduce_and_clip(optimizer, all_reduce, grads_and_vars):
+    """The inner optimizer's all-reduce, then (several replicas) the clipping of the sum."""
+    grads_and_vars = list(all_reduce(grads_and_vars))
+    if _replicas() == 1:
+        return grads_and_vars
+    for hook in list(optimizer._reduced_hooks):
+        hook(grads_and_vars)
+    present = [i for i, (g, _) in enumerate(grads_and_vars) if g is not None]
+    owned = [optimizer._owners.get(id(grads_and_vars[i][1]), grads_and_vars[i][1])
+             for i in present]
+    clipped = optimizer.clip_gradients([grads_and_vars[i][0] for i in present], owned)
+    for hook in list(optimizer._applied_hooks):
+        hook(clipped, owned)
+    for i, g in zip(present, clipped):
+        grads_and_vars[i] = (g, grads_and_vars[i][1])
+    return grads_and_vars
 
 
 def _last_layer_indices(variables):
@@ -518,7 +585,10 @@ def clipped_optimizer(optimizer="adam", learning_rate=1e-3, clip="norm", thresho
     `"none"`, `"value"`, `"norm"` and `"global_norm"` give a stock Keras
     optimizer with its own `clipvalue` / `clipnorm` / `global_clipnorm`
     (serialized like any Keras optimizer); `"agc"`, `"autoclip"` and
-    `"zclip"` give a `ClippedOptimizer` around it.
+    `"zclip"` give a `ClippedOptimizer` around it. Called inside the scope
+    of a `tf.distribute` strategy with several replicas, every method but
+    `"none"` gives a `ClippedOptimizer`, which clips the summed gradient
+    (Keras' own arguments would clip each replica's share).
 
     | clip | threshold means | default |
     |---|---|---|
@@ -559,7 +629,17 @@ def clipped_optimizer(optimizer="adam", learning_rate=1e-3, clip="norm", thresho
     wrapper_args = {k: kwargs.pop(k) for k in
                     ("eps", "history_size", "alpha", "warmup", "agc_skip_last_layer")
                     if k in kwargs}
-    if clip in _KERAS_ARGUMENT:
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    if clip in _KERAS_ARGUMENT and replicas > 1:
+        threshold = _DEFAULT_THRESHOLD[clip] if threshold is None else float(threshold)
+        _check_threshold(clip, threshold)
+        for arg in _KERAS_ARGUMENT.values():
+            if kwargs.get(arg) is not None:
+                raise ValueError(
+                    f"Only one of clip and {arg} can be set. "
+                    f"Received: clip={clip!r} and {arg}={kwargs[arg]!r}"
+                )
+    elif clip in _KERAS_ARGUMENT:
         own = _KERAS_ARGUMENT[clip]
         for arg in _KERAS_ARGUMENT.values():
             if kwargs.get(arg) is not None and arg != own:
@@ -580,7 +660,7 @@ def clipped_optimizer(optimizer="adam", learning_rate=1e-3, clip="norm", thresho
         raise ValueError(
             f"Unknown Keras optimizer or argument ({e}). Received: optimizer={optimizer!r}"
         ) from None
-    if clip in ("agc", "autoclip", "zclip"):
+    if clip in ("agc", "autoclip", "zclip") or (clip in _KERAS_ARGUMENT and replicas > 1):
         return ClippedOptimizer(inner, clip=clip, threshold=threshold, **wrapper_args)
     return inner
 

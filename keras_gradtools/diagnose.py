@@ -41,6 +41,7 @@ KINDS = ("nonfinite", "exploding", "vanishing", "dead_layer", "clipped_spike")
 FAILURE_KINDS = ("nonfinite", "exploding", "vanishing", "dead_layer")
 
 DEFAULTS = {
+    "nonfinite": {"max_skipped": 10, "max_initial_skipped": 64},
     "vanishing": {"ratio": 1e-3, "floor": 1e-7, "patience": 50,
                   "skip": ("gamma", "beta", "bias")},
     "exploding": {"alpha": 0.97, "zscore": 3.0, "layer_zscore": 5.0, "ratio": 10.0,
@@ -103,6 +104,7 @@ class Report:
     findings: list
     steps: int = 0
     keys: list = dataclasses.field(default_factory=list)
+    skipped_steps: int = 0
 
     def kinds(self):
         """The set of kinds found."""
@@ -120,6 +122,7 @@ class Report:
             "steps": int(self.steps),
             "keys": list(self.keys),
             "healthy": not any(f.kind in FAILURE_KINDS for f in self.findings),
+            "skipped_steps": int(self.skipped_steps),
             "findings": [f.to_dict() for f in self.findings],
         }
 
@@ -131,10 +134,14 @@ class Report:
         return cls(
             findings=[Finding.from_dict(f) for f in data.get("findings", [])],
             steps=data.get("steps", 0), keys=data.get("keys", []),
+            skipped_steps=data.get("skipped_steps", 0),
         )
 
     def __str__(self):
         head = f"Gradient report over {self.steps} steps, {len(self.keys)} variables: "
+        if self.skipped_steps:
+            head = (f"Gradient report over {self.steps} steps ({self.skipped_steps} skipped by "
+                    f"the loss-scale optimizer, not judged), {len(self.keys)} variables: ")
         if not self.findings:
             return head + "no vanishing, exploding or non-finite gradients found."
         failures = [f for f in self.findings if f.kind in FAILURE_KINDS]
@@ -175,14 +182,30 @@ def _span(layers):
 # ---------------------------------------------------------------------------
 
 
-def nonfinite_rule(rows, keys, first_step=0, state=None):
+def nonfinite_rule(rows, keys, first_step=0, state=None, skipped=None, max_skipped=10,
+                   max_initial_skipped=64):
     """Finds the first step with a NaN or Inf gradient norm.
+
+    Steps that a loss-scale optimizer skipped (`skipped`) are its normal
+    working: it halves its scale and retries. They are not judged one by
+    one; but a run of more than `max_skipped` skipped steps in a row once
+    some step has been applied (`max_initial_skipped` for the run that
+    opens training, while the scale is being calibrated) means that the
+    gradients are non-finite at any scale, and is reported.
 
     Args:
         rows: `(steps, len(keys))` norms.
         keys: the variables' keys, input to output.
         first_step: the step number of `rows[0]`. Defaults to `0`.
         state: the state returned by the previous call, or `None`.
+        skipped: a bool per row, true for the steps that a loss-scale
+            optimizer skipped (their overflow is its normal working, not a
+            finding), or `None`. Defaults to `None`.
+        max_skipped: the longest run of skipped steps judged normal after
+            the first applied step. Defaults to `10`.
+        max_initial_skipped: the same for the run that opens training.
+            Defaults to `64` (from Keras' initial scale 2**15, 64 halvings
+            leave a scale of 2**-49).
 
     Returns:
         `(findings, state)`; at most one finding per run.
@@ -195,10 +218,41 @@ def nonfinite_rule(rows, keys, first_step=0, state=None):
     (1, ['a/kernel', 'b/kernel'])
     """
     state = dict(state or {"fired": False})
+    state.setdefault("run", 0)
+    state.setdefault("applied_before", False)
     rows = np.asarray(rows, dtype=float)
     if state["fired"] or not rows.size:
         return [], state
     bad = ~np.isfinite(rows)
+    if skipped is not None:
+        skipped = np.asarray(skipped, bool)
+        bad[skipped] = False
+        storm = _skip_storm(skipped, state, max_skipped, max_initial_skipped)
+        hit = np.flatnonzero(bad.any(axis=1))
+        if storm is not None and (not hit.size or storm[1] < hit[0]):
+            start, detected, limit, initial = storm
+            state["fired"] = True
+            return [Finding(
+                kind="nonfinite", step=first_step + start, detected_step=first_step + detected,
+                layers=list(keys),
+                evidence={"skipped_in_a_row": int(detected - start + 1), "limit": int(limit),
+                          "since_start_of_training": bool(initial)},
+                message=(f"the loss-scale optimizer skipped every step from step "
+                         f"{first_step + start} on ({detected - start + 1} in a row, above "
+                         f"{limit}): halving its scale does not make the gradients finite, "
+                         "so they are NaN/Inf at any scale, not an overflow."),
+                fixes=[
+                    "Check that the weights are still finite "
+                    "(`all(np.isfinite(w).all() for w in model.get_weights())`): a "
+                    "non-finite update reached them, and every later step is skipped.",
+                    "Check the data and the loss for NaN/Inf "
+                    "(`np.isfinite(x).all()`, labels in range).",
+                    "Under tf.distribute with several replicas, Keras' LossScaleOptimizer "
+                    "judges finiteness on the first replica's share only; a non-finite "
+                    "share on another replica is summed into the update. Train with "
+                    "`mixed_bfloat16` (no loss scaling) or on one replica.",
+                ],
+            )], state
     hit = np.flatnonzero(bad.any(axis=1))
     if not hit.size:
         return [], state
@@ -224,6 +278,23 @@ def nonfinite_rule(rows, keys, first_step=0, state=None):
             "so that Keras scales the loss (its loss-scale optimizer skips overflowing steps).",
         ],
     )], state
+
+
+def _skip_storm(skipped, state, max_skipped, max_initial_skipped):
+    """`(start, detected, limit, initial)` of the first too-long run of skips, or `None`.
+
+    `start` may be negative: the run began in an earlier block.
+    """
+    for i, skip in enumerate(skipped):
+        if not skip:
+            state["run"] = 0
+            state["applied_before"] = True
+            continue
+        state["run"] += 1
+        limit = max_skipped if state["applied_before"] else max_initial_skipped
+        if state["run"] > limit:
+            return i - state["run"] + 1, i, limit, not state["applied_before"]
+    return None
 
 
 def vanishing_rule(rows, keys, first_step=0, state=None, ratio=1e-3, floor=1e-7,
@@ -561,13 +632,27 @@ class Diagnoser:
         self.rules = list(rules or RULES)
         self.states = {name: None for name in self.rules}
         self.steps = 0
+        self.skipped_steps = 0
         self.findings = []
 
-    def feed(self, first_step, rows):
-        """Judges the next block of norms; returns the new findings."""
+    def feed(self, first_step, rows, skipped=None):
+        """Judges the next block of norms; returns the new findings.
+
+        `skipped` (a bool per row, or `None`) marks the steps a loss-scale
+        optimizer skipped: no rule judges them (their norms count as missing).
+        """
         new = []
+        rows = np.asarray(rows, dtype=float)
+        if skipped is not None:
+            skipped = np.asarray(skipped, bool).reshape(len(rows))
+            if skipped.any():
+                self.skipped_steps += int(skipped.sum())
+                rows = rows.copy()
+                rows[skipped] = np.nan
         for name in self.rules:
             kwargs = dict(self.thresholds.get(name, {}))
+            if name == "nonfinite":
+                kwargs["skipped"] = skipped
             if name == "exploding":
                 kwargs["clipping"] = self.clipping
             found, self.states[name] = RULES[name](
@@ -585,10 +670,12 @@ class Diagnoser:
         if epoch_end_steps is not None:
             for f in findings:
                 f.epoch = epoch_of_step(f.step, epoch_end_steps)
-        return Report(findings=findings, steps=self.steps, keys=self.keys)
+        return Report(findings=findings, steps=self.steps, keys=self.keys,
+                      skipped_steps=self.skipped_steps)
 
 
-def diagnose_norms(norms, keys, epoch_end_steps=None, thresholds=None, clipping=None):
+def diagnose_norms(norms, keys, epoch_end_steps=None, thresholds=None, clipping=None,
+                   skipped_steps=None):
     """Judges a whole recorded series at once.
 
     Gives the same findings as `GradientMonitor` does while training, block
@@ -601,6 +688,8 @@ def diagnose_norms(norms, keys, epoch_end_steps=None, thresholds=None, clipping=
             Defaults to `None`.
         thresholds: per-rule keyword overrides. Defaults to `None`.
         clipping: the optimizer's clipping, or `None`. Defaults to `None`.
+        skipped_steps: the steps a loss-scale optimizer skipped
+            (`GradNormLogger.skipped_steps`), not judged. Defaults to `None`.
 
     Returns:
         A `Report`.
@@ -614,7 +703,11 @@ def diagnose_norms(norms, keys, epoch_end_steps=None, thresholds=None, clipping=
     """
     diagnoser = Diagnoser(keys, thresholds=thresholds, clipping=clipping)
     norms = np.asarray(norms, dtype=float).reshape(-1, len(keys))
-    diagnoser.feed(0, norms)
+    skipped = None
+    if skipped_steps is not None and len(skipped_steps):
+        skipped = np.zeros(len(norms), bool)
+        skipped[np.asarray(skipped_steps, int)] = True
+    diagnoser.feed(0, norms, skipped)
     return diagnoser.report(epoch_end_steps)
 
 

@@ -16,6 +16,7 @@ Three ways to feed a recorder, all from the gradients the optimizer applies:
 import numpy as np
 import tensorflow as tf
 import keras
+from tensorflow.python.ops import resource_variable_ops
 
 from keras.src.losses.loss import unscale_loss_for_distribution as _unscale_loss_for_distribution
 
@@ -109,7 +110,9 @@ class GradNormRecorder:
             for handle in _handles(variable):
                 self._index[id(handle)] = i
         width = max(len(self.variables), 1)
-        self._buffer = _state_variable(tf.zeros([capacity, width], tf.float32), "gradtools_norms")
+        # One column per variable, then the step's "skipped" flag.
+        self._buffer = _state_variable(tf.zeros([capacity, width + 1], tf.float32),
+                                       "gradtools_norms")
         self._count = _state_variable(tf.constant(0, tf.int64), "gradtools_count")
         self.histogram_freq = int(histogram_freq or 0)
         self.histogram_buckets = int(histogram_buckets)
@@ -136,6 +139,8 @@ class GradNormRecorder:
         self._read = 0
         self._hist_read = 0
         self._chunks = []
+        self._skip_chunks = []
+        self.last_skipped = np.zeros(0, bool)
         self._cache = None
 
     # ------------------------------------------------------------------
@@ -161,7 +166,7 @@ class GradNormRecorder:
         gradients, variables = _check_lengths(gradients, variables)
         return _norms_for(self, gradients, variables, scale, {})
 
-    def record(self, gradients, variables, scale=None):
+    def record(self, gradients, variables, scale=None, skipped=None):
         """Writes one step's norms into the buffer (call in the train step).
 
         Args:
@@ -169,15 +174,18 @@ class GradNormRecorder:
             variables: the variables they belong to, in the same order.
             scale: the loss scale to divide out, or `None` when the loss is
                 not scaled. Defaults to `None`.
+            skipped: a boolean scalar, true when the optimizer does not
+                apply this step (a loss-scale optimizer's overflow), or
+                `None` for never. Defaults to `None`.
 
         Returns:
             The recorded norms, a float32 tensor of shape
             `(len(self.keys),)`.
         """
         gradients, variables = _check_lengths(gradients, variables)
-        return self.record_step(gradients, variables, scale)
+        return self.record_step(gradients, variables, scale, skipped=skipped)
 
-    def record_step(self, gradients, variables, scale=None, shared=None):
+    def record_step(self, gradients, variables, scale=None, shared=None, skipped=None):
         """Records one step: norms every step, histograms every `histogram_freq`.
 
         Args:
@@ -187,6 +195,7 @@ class GradNormRecorder:
                 `None`.
             shared: a dict that caches each gradient's norm between
                 recorders of the same step. Defaults to `None`.
+            skipped: see `record`. Defaults to `None`.
 
         Returns:
             The recorded norms.
@@ -215,7 +224,7 @@ class GradNormRecorder:
 
             tf.cond(tf.equal(tf.math.floormod(step, self.histogram_freq), 0),
                     write_histograms, lambda: tf.constant(False))
-        self.write(norms)
+        self.write(norms, skipped)
         return norms
 
     def histograms(self):
@@ -239,26 +248,40 @@ class GradNormRecorder:
             self._hist_read = out[-1][0] + 1
         return out
 
-    def write(self, norms):
+    def write(self, norms, skipped=None):
         """Writes an already computed norm vector as the next step's row.
 
         Args:
             norms: a float32 tensor of shape `(len(self.keys),)`.
+            skipped: see `record`. Defaults to `None`.
 
         Returns:
             `None`.
         """
         if not self.variables:
             norms = tf.zeros([1], tf.float32)
+        flag = tf.zeros([1], tf.float32) if skipped is None else tf.reshape(
+            tf.cast(skipped, tf.float32), [1])
         row = tf.math.floormod(self._count.read_value(), self.capacity)
         written = self._buffer.scatter_nd_update(
             tf.reshape(tf.cast(row, tf.int64), [1, 1]),
-            tf.reshape(norms, [1, -1]),
+            tf.reshape(tf.concat([tf.reshape(norms, [-1]), flag], 0), [1, -1]),
         )
         # The count moves only once the row is written: a step that fails
         # (a data error) leaves no phantom row behind.
         with tf.control_dependencies([written]):
             self._count.assign_add(1)
+
+    def write_skipped(self):
+        """Records a step that the optimizer skipped without norms: NaN, flagged.
+
+        Used where the gradients of a skipped step never reach the recorder
+        (a loss-scale optimizer under several replicas).
+
+        Returns:
+            `None`.
+        """
+        self.write(tf.fill([max(len(self.keys), 1)], np.nan), tf.constant(True))
 
     def _lookup(self, variable):
         for handle in _handles(variable):
@@ -286,8 +309,11 @@ class GradNormRecorder:
         count = int(self._count.numpy())
         new = count - self._read
         if new <= 0:
+            self.last_skipped = np.zeros(0, bool)
             return np.zeros((0, len(self.keys)))
-        buffer = self._buffer.numpy()[:, : len(self.keys)].astype(np.float64)
+        full = self._buffer.numpy().astype(np.float64)
+        buffer = full[:, : len(self.keys)]
+        flags = full[:, -1] > 0.5
         lost = max(0, new - self.capacity)
         if lost:
             tf.get_logger().warning(
@@ -302,6 +328,8 @@ class GradNormRecorder:
         )
         self._read = count
         self._chunks.append(chunk)
+        self.last_skipped = np.concatenate([np.zeros(lost, bool), flags[rows]])
+        self._skip_chunks.append(self.last_skipped)
         self._cache = None
         return chunk
 
@@ -318,6 +346,14 @@ class GradNormRecorder:
         return self._cache
 
     @property
+    def skipped(self):
+        """1-D bool array: the steps the optimizer skipped (loss-scale overflow)."""
+        self.flush()
+        if len(self._skip_chunks) != 1:
+            self._skip_chunks = [np.concatenate(self._skip_chunks or [np.zeros(0, bool)])]
+        return self._skip_chunks[0]
+
+    @property
     def history(self):
         """Dict `key -> 1-D array` of norms over all recorded steps."""
         norms = self.norms
@@ -330,13 +366,15 @@ class GradNormRecorder:
 
 
 def _state_variable(initial, name):
-    """A non-trainable variable created outside any trace, written by the train step."""
+    """A plain variable created outside any trace, written by the train step.
+
+    Never a distributed variable, even inside `strategy.scope()`: it is
+    written by one replica per worker only (see `_Recording`), so it is
+    constructed as a `ResourceVariable` directly, past the variable creators
+    that a strategy scope installs.
+    """
     with tf.init_scope():
-        return tf.Variable(
-            initial, trainable=False, name=name,
-            synchronization=tf.VariableSynchronization.ON_WRITE,
-            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
-        )
+        return resource_variable_ops.ResourceVariable(initial, trainable=False, name=name)
 
 
 def _check_lengths(gradients, variables):
@@ -426,18 +464,192 @@ def instrument_model(model, recorders, applied_recorders=()):
     return restore
 
 
-class _Instrumentation:
+class _Recording:
+    """Makes an optimizer feed recorders the gradients it applies, while entered.
+
+    One replica: the optimizer's `apply` is wrapped (the gradients it
+    receives, loss scale divided out, before its own clipping). Several
+    replicas: the sum leaving the innermost optimizer's all-reduce is
+    recorded by this worker's first replica (every replica holds the same
+    values), and a loss-scale optimizer's skipped steps are recorded as such.
+    """
+
+    def __init__(self, optimizer, strategy=None):
+        self.optimizer = optimizer
+        self.recorders = []
+        self.applied_recorders = []
+        self.own_apply = None
+        self._unhook = None
+        self._entered = None
+        # The strategy the optimizer was created under (Keras' TF optimizers
+        # keep it), else the current one.
+        strategy = (strategy
+                    or getattr(reducing_optimizer(optimizer), "_distribution_strategy", None)
+                    or tf.distribute.get_strategy())
+        self.replicas = int(getattr(strategy, "num_replicas_in_sync", 1))
+        # Replicas of this worker: one recorder per process, fed by this
+        # worker's first replica (every replica sees the same reduced values).
+        self.local_replicas = (
+            len(strategy.extended.worker_devices) if self.replicas > 1 else 1
+        )
+
+    def enter(self):
+        optimizer = self.optimizer
+        patches = []
+        if self.replicas == 1:
+            own = optimizer.__dict__.get("apply", _MISSING)
+            self.own_apply = None if own is _MISSING else own
+            patches.append(_Patch(optimizer, "apply", lambda original: self.apply))
+        else:
+            clipper = _innermost(optimizer)
+            if hasattr(clipper, "_reduced_hooks"):
+                # A ClippedOptimizer hands over the sum before it clips it.
+                clipper._reduced_hooks.append(self.record_reduced)
+                self._unhook = lambda: clipper._reduced_hooks.remove(self.record_reduced)
+            else:
+                patches.append(_Patch(
+                    reducing_optimizer(optimizer), "_all_reduce_sum_gradients",
+                    lambda original: lambda gv: self.reduced(original, gv),
+                ))
+            if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+                patches.append(_Patch(
+                    optimizer, "_stateful_handle_non_finite_grads",
+                    lambda original: lambda: self.skipped(original),
+                ))
+        hooks = getattr(_innermost(optimizer), "_applied_hooks", None)
+        if hooks is not None and self.applied_recorders:
+            hooks.append(self._record_applied)
+        for patch in patches:
+            patch.enter()
+        self._entered = (patches, hooks)
+
+    def exit(self):
+        if self._entered is None:
+            return
+        patches, hooks = self._entered
+        self._entered = None
+        for patch in reversed(patches):
+            patch.exit()
+        if self._unhook is not None:
+            self._unhook()
+            self._unhook = None
+        if hooks is not None and self._record_applied in hooks:
+            hooks.remove(self._record_applied)
+
+    def apply(self, grads, trainable_variables=None):
+        optimizer = self.optimizer
+        grads = list(grads)
+        if trainable_variables is None:
+            variables = list(optimizer._trainable_variables)
+        else:
+            trainable_variables = list(trainable_variables)
+            variables = trainable_variables
+        scale = loss_scale_of(optimizer)
+        apply = self.own_apply or type(optimizer).apply.__get__(optimizer)
+        skipped = None
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            # The loss-scale optimizer's own verdict on this step (its
+            # `check_finite`, captured as it runs): a step it skips is
+            # recorded as skipped, not judged as an exploding gradient.
+            verdicts = []
+            patch = _Patch(optimizer, "check_finite", lambda original: lambda g: (
+                verdicts.append(original(g)) or verdicts[-1]))
+            patch.enter()
+            try:
+                result = apply(grads, trainable_variables)
+            finally:
+                patch.exit()
+            if verdicts:
+                skipped = tf.logical_not(verdicts[0])
+        else:
+            result = apply(grads, trainable_variables)
+        shared = {}
+        for recorder in self.recorders:
+            recorder.record_step(grads, variables, scale, shared, skipped=skipped)
+        inner = _innermost(optimizer)
+        if self.applied_recorders and not hasattr(inner, "clip_gradients") and any(
+            getattr(inner, a, None) is not None
+            for a in ("clipnorm", "clipvalue", "global_clipnorm")
+        ):
+            unscaled = grads if scale is None else [
+                None if g is None else g / tf.cast(scale, g.dtype) for g in grads
+            ]
+            present = [(g, v) for g, v in zip(unscaled, variables) if g is not None]
+            clipped = inner._clip_gradients([g for g, _ in present])
+            self._record_applied(clipped, [v for _, v in present])
+        return result
+
+    def _record_applied(self, grads, variables):
+        if not self._recording_replica():
+            return
+        shared = {}
+        for recorder in self.applied_recorders:
+            recorder.record_step(grads, variables, None, shared)
+
+    def _recording_replica(self):
+        """Whether the replica being traced writes this worker's recording."""
+        if self.replicas == 1:
+            return True
+        context = tf.distribute.get_replica_context()
+        if context is None:  # cross-replica context: one call for all replicas
+            return True
+        replica = tf.get_static_value(context.replica_id_in_sync_group)
+        if replica is None:
+            raise ValueError(
+                "keras_gradtools needs a static replica id to record under "
+                f"{type(tf.distribute.get_strategy()).__name__}; use "
+                "MirroredStrategy or MultiWorkerMirroredStrategy."
+            )
+        return int(replica) % self.local_replicas == 0
+
+    def reduced(self, original, grads_and_vars):
+        """Records the all-reduced gradients (several replicas), then returns them."""
+        grads_and_vars = original(grads_and_vars)
+        self.record_reduced(grads_and_vars)
+        return grads_and_vars
+
+    def record_reduced(self, grads_and_vars):
+        if self._recording_replica():
+            grads = [g for g, _ in grads_and_vars]
+            variables = [v for _, v in grads_and_vars]
+            shared = {}
+            # Keras' own clipnorm/clipvalue/global_clipnorm act on each
+            # replica's share before this sum: what is recorded here is then
+            # the applied gradient, for both recordings.
+            for recorder in self.recorders + (
+                self.applied_recorders if self.keras_clipping else []
+            ):
+                recorder.record_step(grads, variables, None, shared)
+
+    def skipped(self, original):
+        """The loss-scale optimizer skips a step: record it as such (several replicas)."""
+        result = original()
+        if self._recording_replica():
+            for recorder in self.recorders + self.applied_recorders:
+                recorder.write_skipped()
+        return result
+
+    @property
+    def keras_clipping(self):
+        inner = _innermost(self.optimizer)
+        return not hasattr(inner, "clip_gradients") and any(
+            getattr(inner, a, None) is not None
+            for a in ("clipnorm", "clipvalue", "global_clipnorm")
+        )
+
+
+class _Instrumentation(_Recording):
     """A train function that records while it runs; see `instrument_model`."""
 
     def __init__(self, model):
+        super().__init__(
+            model.optimizer,
+            getattr(model, "distribute_strategy", None) or tf.distribute.get_strategy(),
+        )
         self.model = model
-        self.optimizer = model.optimizer
-        self.recorders = []
-        self.applied_recorders = []
         self.active = True
         self.previous = model.train_function
         self.history = getattr(model, "history", None)
-        self.own_apply = None
         model.make_train_function(force=True)
         self.compiled = model.train_function
 
@@ -471,37 +683,6 @@ class _Instrumentation:
         if self.model.train_function is self.train_function:
             self.model.train_function = self.previous
 
-    def apply(self, grads, trainable_variables=None):
-        optimizer = self.optimizer
-        grads = list(grads)
-        if trainable_variables is None:
-            variables = list(optimizer._trainable_variables)
-        else:
-            trainable_variables = list(trainable_variables)
-            variables = trainable_variables
-        scale = loss_scale_of(optimizer)
-        shared = {}
-        for recorder in self.recorders:
-            recorder.record_step(grads, variables, scale, shared)
-        inner = _innermost(optimizer)
-        if self.applied_recorders and not hasattr(inner, "clip_gradients") and any(
-            getattr(inner, a, None) is not None
-            for a in ("clipnorm", "clipvalue", "global_clipnorm")
-        ):
-            unscaled = grads if scale is None else [
-                None if g is None else g / tf.cast(scale, g.dtype) for g in grads
-            ]
-            present = [(g, v) for g, v in zip(unscaled, variables) if g is not None]
-            clipped = inner._clip_gradients([g for g, _ in present])
-            self._record_applied(clipped, [v for _, v in present])
-        apply = self.own_apply or type(optimizer).apply.__get__(optimizer)
-        return apply(grads, trainable_variables)
-
-    def _record_applied(self, grads, variables):
-        shared = {}
-        for recorder in self.applied_recorders:
-            recorder.record_step(grads, variables, None, shared)
-
     def call(self, iterator):
         model = self.model
         if not self.active or getattr(model, "history", None) is not self.history:
@@ -509,28 +690,129 @@ class _Instrumentation:
             self.restore()
             model.make_train_function()
             return model.train_function(iterator)
-        optimizer = self.optimizer
-        own = optimizer.__dict__.get("apply", _MISSING)
-        self.own_apply = None if own is _MISSING else own
-        optimizer.apply = self.apply
-        hooks = getattr(_innermost(optimizer), "_applied_hooks", None)
-        if hooks is not None and self.applied_recorders:
-            hooks.append(self._record_applied)
+        self.enter()
         try:
             return self.compiled(iterator)
         except BaseException:
             self.restore()
             raise
         finally:
-            if own is _MISSING:
-                del optimizer.apply
-            else:
-                optimizer.apply = own
-            if hooks is not None and self._record_applied in hooks:
-                hooks.remove(self._record_applied)
+            self.exit()
 
 
 _MISSING = object()
+
+
+class _Patch:
+    """Replaces an attribute of one object for a while, then puts it back.
+
+    `make(original)` returns the replacement; `original` is what the
+    attribute resolves to now (an instance attribute or the bound method).
+    Patches nest: a later patch wraps an earlier one.
+    """
+
+    def __init__(self, target, name, make):
+        self.target, self.name, self.make = target, name, make
+
+    def enter(self):
+        self.own = self.target.__dict__.get(self.name, _MISSING)
+        setattr(self.target, self.name, self.make(getattr(self.target, self.name)))
+
+    def exit(self):
+        if self.own is _MISSING:
+            self.target.__dict__.pop(self.name, None)
+        else:
+            setattr(self.target, self.name, self.own)
+
+
+class recording:
+    """Context manager: `optimizer` feeds `recorders` the gradients it applies.
+
+    For custom training loops, including ones under `tf.distribute`
+    (`strategy.run`): enter it around the calls of your `tf.function` train
+    step (it must be active while the step is traced: the recording is
+    built into the traced graph, and stays in it), and call
+    `optimizer.apply(grads, variables)` in the step as usual. With several
+    replicas the recorders get the all-reduced gradient (the one applied),
+    written once per worker, not each replica's share; under a loss-scale
+    optimizer, skipped steps are flagged (`GradNormRecorder.skipped`).
+
+    Args:
+        optimizer: the Keras optimizer the train step applies gradients with.
+        recorders: `GradNormRecorder`s to feed (a list, or one).
+        applied_recorders: `GradNormRecorder`s for the post-clipping
+            gradients of a `ClippedOptimizer` (or Keras' own clipping).
+            Defaults to `()`.
+        strategy: the `tf.distribute` strategy, or `None` for the one the
+            optimizer was created under. Defaults to `None`.
+
+    Example:
+
+    >>> import keras, tensorflow as tf
+    >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, name="out")],
+    ...                          name="net")
+    >>> optimizer = keras.optimizers.SGD(0.1)
+    >>> recorder = GradNormRecorder(model.trainable_variables)
+    >>> @tf.function
+    ... def step(x, y):
+    ...     with tf.GradientTape() as tape:
+    ...         loss = tf.reduce_mean((model(x) - y) ** 2)
+    ...     grads = tape.gradient(loss, model.trainable_variables)
+    ...     optimizer.apply(grads, model.trainable_variables)
+    >>> with recording(optimizer, recorder):
+    ...     step(tf.ones((4, 2)), tf.zeros((4, 1)))
+    ...     step(tf.ones((4, 2)), tf.zeros((4, 1)))
+    >>> recorder.history["net/out/kernel"].shape
+    (2,)
+    """
+
+    def __init__(self, optimizer, recorders, applied_recorders=(), strategy=None):
+        if isinstance(recorders, GradNormRecorder):
+            recorders = [recorders]
+        self._recording = _Recording(optimizer, strategy)
+        self._recording.recorders.extend(recorders)
+        self._recording.applied_recorders.extend(applied_recorders)
+
+    def __enter__(self):
+        self._recording.enter()
+        return self
+
+    def __exit__(self, *exc):
+        self._recording.exit()
+        return False
+
+
+def is_chief(strategy=None):
+    """Whether this process writes a run's files (TensorBoard events, saved runs).
+
+    `True` without a strategy and under MirroredStrategy; under
+    MultiWorkerMirroredStrategy, only on the chief worker (TF's own rule:
+    the `chief` task, or worker 0 when there is none).
+
+    Args:
+        strategy: a `tf.distribute.Strategy`, or `None` for the current one.
+            Defaults to `None`.
+
+    Returns:
+        A bool.
+    """
+    strategy = strategy or tf.distribute.get_strategy()
+    return bool(getattr(strategy.extended, "should_checkpoint", True))
+
+
+def reducing_optimizer(optimizer):
+    """The optimizer that all-reduces the gradients: the innermost of any wrappers."""
+    while getattr(optimizer, "inner_optimizer", None) is not None:
+        optimizer = optimizer.inner_optimizer
+    return optimizer
+
+
+def after_all_reduce(optimizer, fn):
+    """A `_Patch`: `fn(grads_and_vars)` transforms the all-reduced gradients."""
+    return _Patch(
+        reducing_optimizer(optimizer), "_all_reduce_sum_gradients",
+        lambda original: lambda gv: fn(original(gv)),
+    )
 
 
 def _innermost(optimizer):

@@ -13,10 +13,16 @@ Candidates: the logger alone, with the monitor, with TensorBoard scalars
 (default `update_freq`), with histograms every 100 steps, and each clipping
 preset (its own model, same weights, against plain Adam).
 
+`--strategy mirrored` runs everything under `tf.distribute.MirroredStrategy`
+on the CPU split into 2 logical devices (same global batch): the logger then
+records the all-reduced gradient as it leaves the optimizer's own
+all-reduce, with no second all-reduce.
+
 Run: `python scripts/bench_overhead.py` (about 15 minutes on 2 CPU cores; pick
 with `--models` and `--candidates`).
 """
 
+import contextlib
 import os
 import statistics
 import time
@@ -113,6 +119,13 @@ MODELS = {
 }
 
 
+STRATEGY = None  # set by --strategy
+
+
+def _scope():
+    return STRATEGY.scope() if STRATEGY is not None else contextlib.nullcontext()
+
+
 def _time_fit(model, x, y, batch_size, callbacks):
     timer = _StepTimer()
     model.fit(
@@ -126,14 +139,16 @@ def bench_model(name, steps, reps, candidates):
     build, flatten, batch_size = MODELS[name]
     (x, y), _ = load_mnist(flatten=flatten, subset=steps * batch_size)
     keras.utils.set_random_seed(0)
-    model = _compile(build())
+    with _scope():
+        model = _compile(build())
     _time_fit(model, x, y, batch_size, [])  # warm-up: trace the plain function
     own = {}  # candidates with an optimizer of their own train their own model
     for c in candidates:
         make_optimizer = CANDIDATES[c][1]
         if make_optimizer is not None:
             keras.utils.set_random_seed(0)
-            own[c] = _compile(build(), make_optimizer())
+            with _scope():
+                own[c] = _compile(build(), make_optimizer())
             _time_fit(own[c], x, y, batch_size, [])
     times = {"plain": []}
     times.update({c: [] for c in candidates})
@@ -198,10 +213,24 @@ def _choices(value, known, what, option):
               help="Interleaved repetitions.")
 @click.option("--probe-samples", default=60000, show_default=True,
               type=click.IntRange(min=0), help="0 skips the probe benchmark.")
-def main(model_names, candidates, steps, reps, probe_samples):
+@click.option("--strategy", type=click.Choice(["none", "mirrored"]), default="none",
+              show_default=True,
+              help="mirrored: MirroredStrategy over 2 logical CPU devices.")
+def main(model_names, candidates, steps, reps, probe_samples, strategy):
     """Per-step overhead of keras_gradtools against plain fit(), interleaved."""
+    global STRATEGY
     names = _choices(model_names, MODELS, "model", "--models")
     chosen = _choices(candidates, CANDIDATES, "candidate", "--candidates")
+    if strategy == "mirrored":
+        import tensorflow as tf
+
+        # Before TensorFlow initializes its devices.
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        STRATEGY = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        click.echo(f"MirroredStrategy, {STRATEGY.num_replicas_in_sync} replicas "
+                   "(logical CPU devices), same global batch")
     click.echo(f"keras {keras.__version__}, devices: "
                f"{[d.name for d in __import__('tensorflow').config.list_logical_devices()]}")
     for name in names:

@@ -15,3 +15,7 @@ def _fresh_keras_state():
     yield
     keras.mixed_precision.set_global_policy("float32")
     keras.backend.clear_session()
+
+# Helper scripts that tests run in a fresh process (they configure devices at
+# import time): never imported by pytest itself.
+collect_ignore = ["distributed_checks.py", "multiworker_checks.py"]

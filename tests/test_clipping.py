@@ -216,3 +216,37 @@ def test_logger_records_raw_and_applied_norms():
     logger = GradNormLogger()
     model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[logger])
     assert logger.applied_history == {}
+
+
+@pytest.mark.parametrize("clip,wrapped", [
+    ("value", False), ("norm", False), ("global_norm", False), ("agc", False),
+    ("autoclip", False), ("zclip", False),
+    # The ClippedOptimizer form of Keras' methods (what clipped_optimizer
+    # gives under a multi-replica strategy).
+    ("value", True), ("norm", True), ("global_norm", True),
+])
+def test_every_preset_under_jit_compile_trains_as_without(clip, wrapped):
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 5, size=(64, 6)).astype("float32")
+    y = rng.integers(0, 3, 64)
+    threshold = {"value": 0.05, "norm": 0.5, "global_norm": 0.5}.get(clip)
+    runs = []
+    for jit in (False, True):
+        model = _model()
+        if wrapped:
+            optimizer = C.ClippedOptimizer(keras.optimizers.SGD(0.1), clip=clip,
+                                           threshold=threshold)
+        else:
+            optimizer = C.clipped_optimizer("sgd", 0.1, clip=clip, threshold=threshold,
+                                            **({"warmup": 3} if clip == "zclip" else {}))
+        model.compile(optimizer, "sparse_categorical_crossentropy", jit_compile=jit)
+        logger = GradNormLogger(include_biases=True)
+        model.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False, callbacks=[logger])
+        runs.append((model.get_weights(), logger.norms, logger.applied_recorder.norms))
+    (w0, n0, a0), (w1, n1, a1) = runs
+    for a, b in zip(w0, w1):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(n0, n1, rtol=1e-5)
+    np.testing.assert_allclose(a0, a1, rtol=1e-5)
+    if clip in ("norm", "global_norm", "value"):
+        assert np.all(a0 <= n0 * (1 + 1e-6)) and np.any(a0 < n0 * (1 - 1e-3))

@@ -128,6 +128,52 @@ def test_nonfinite_steps_do_not_poison_the_exploding_average():
     assert exploding_rule(rows, KEYS)[0] == []
 
 
+def test_skipped_steps_are_not_judged():
+    # A loss-scale optimizer skipping overflowing steps: its normal working.
+    rows = _healthy(300)
+    skipped = np.zeros(300, bool)
+    skipped[:20] = True       # calibrating the initial scale
+    skipped[150] = True       # one overflow after growing the scale
+    rows[skipped] = np.inf
+    rows[150, 0] = 1e9        # whatever a skipped step holds, it is not judged
+    report = diagnose_norms(rows, KEYS, skipped_steps=np.flatnonzero(skipped))
+    assert report.findings == [] and report.skipped_steps == 21
+    assert "21 skipped by the loss-scale optimizer" in str(report)
+    # Without the flags the same numbers are a failure.
+    assert "nonfinite" in diagnose_norms(rows, KEYS).kinds()
+
+
+def test_a_run_of_skips_after_training_started_is_nonfinite():
+    rows = _healthy(100)
+    skipped = np.zeros(100, bool)
+    skipped[40:51] = True  # 11 in a row: one above max_skipped=10
+    rows[skipped] = np.nan
+    (f,), _ = nonfinite_rule(rows, KEYS, skipped=skipped)
+    assert (f.step, f.detected_step) == (40, 50)
+    assert f.evidence == {"skipped_in_a_row": 11, "limit": 10, "since_start_of_training": False}
+    skipped[50] = False  # 10 in a row: the edge, still normal
+    rows[50] = 1.0
+    assert nonfinite_rule(rows, KEYS, skipped=skipped)[0] == []
+    # The opening run (calibration) has its own, larger limit.
+    opening = np.zeros(100, bool)
+    opening[:64] = True
+    assert nonfinite_rule(rows, KEYS, skipped=opening)[0] == []
+    opening[64] = True
+    (f,), _ = nonfinite_rule(rows, KEYS, skipped=opening)
+    assert (f.step, f.detected_step, f.evidence["limit"]) == (0, 64, 64)
+
+
+def test_a_run_of_skips_across_blocks():
+    rows = _healthy(100)
+    skipped = np.zeros(100, bool)
+    skipped[45:60] = True
+    d = Diagnoser(KEYS)
+    for a in range(0, 100, 7):
+        d.feed(a, rows[a:a + 7], skipped[a:a + 7])
+    (f,) = d.report().findings
+    assert f.kind == "nonfinite" and (f.step, f.detected_step) == (45, 55)
+
+
 def test_dead_layer():
     rows = _healthy(100)
     rows[:, 1] = 0.0
