@@ -137,7 +137,11 @@ def _read_json(path, what):
 
 
 def load_run(run_dir):
-    """Reads a run directory's recorded norms; a clear error if it is not one."""
+    """Reads a run directory's recorded norms; a clear error if it is not one.
+
+    Returns `(norms, keys, epoch_end_steps, config)`; `config` (config.json, or
+    `{}`) gains `skipped_steps`, the steps a loss-scale optimizer skipped.
+    """
     import numpy as np
 
     if not os.path.isdir(run_dir):

@@ -109,3 +109,39 @@ def test_check_bad_inputs(tmp_path):
     model.save(tmp_path / "small.keras")
     result = CliRunner().invoke(cli.main, ["check", str(tmp_path / "small.keras")])
     assert result.exit_code == 2 and "(5,)" in result.output
+
+
+def _write_norms(directory, skipped):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    norms = (np.array([0.3, 0.6, 1.0]) * np.exp(rng.normal(0, 0.3, (120, 3)))).tolist()
+    for step in skipped:
+        norms[step] = ["inf", "nan", "inf"]
+    os.makedirs(directory)
+    with open(os.path.join(directory, "grad_norms.json"), "w") as f:
+        json.dump({"keys": ["m/a/kernel", "m/b/kernel", "m/c/kernel"],
+                   "epoch_end_steps": [120], "skipped_steps": list(skipped),
+                   "norms": norms}, f)
+    return str(directory)
+
+
+def test_diagnose_leaves_loss_scale_skips_unjudged(tmp_path):
+    path = _write_norms(tmp_path / "mp", skipped=range(0, 12))
+    result = CliRunner().invoke(cli.main, ["diagnose", path, "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["findings"] == [] and report["skipped_steps"] == 12 and report["healthy"]
+
+
+def test_diagnose_rejects_skipped_steps_outside_the_recording(tmp_path):
+    path = _write_norms(tmp_path / "bad", skipped=[5])
+    with open(os.path.join(path, "grad_norms.json")) as f:
+        data = json.load(f)
+    data["skipped_steps"] = [500]
+    with open(os.path.join(path, "grad_norms.json"), "w") as f:
+        json.dump(data, f)
+    result = CliRunner().invoke(cli.main, ["diagnose", path])
+    assert result.exit_code == 2
+    assert "not a gradient-norm recording" in result.output
+    assert "skipped step outside the recording" in result.output
