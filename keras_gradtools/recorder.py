@@ -413,7 +413,10 @@ def instrument_model(model, recorders, applied_recorders=()):
     norm is computed once and written to all of them.
 
     A `GradNormModel` records in its own `train_step`: then no wrapping is
-    done, the recorders are attached to the model instead.
+    done, the recorders are attached to the model instead (on one replica;
+    with several, its `train_step` holds one replica's share of the
+    gradient, so the recorders get the sum from the optimizer, as for any
+    model).
 
     `applied_recorders` get the norms of the gradients *after* the
     optimizer's clipping: a `ClippedOptimizer` hands them over as it clips;
@@ -435,7 +438,8 @@ def instrument_model(model, recorders, applied_recorders=()):
     """
     recorders = list(recorders)
     applied_recorders = list(applied_recorders)
-    if isinstance(model, GradNormModel):
+    strategy = getattr(model, "distribute_strategy", None) or tf.distribute.get_strategy()
+    if isinstance(model, GradNormModel) and strategy.num_replicas_in_sync == 1:
         model._gradtools_recorders.extend(recorders)
         model.make_train_function(force=True)
 

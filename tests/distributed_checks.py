@@ -97,6 +97,27 @@ def logger_scenario():
     return out
 
 
+def gradnorm_model_scenario():
+    from keras_gradtools import GradNormModel
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(96, 6)).astype("float32")
+    y = rng.integers(0, 3, 96)
+
+    def build():
+        inputs = keras.Input((6,))
+        h = keras.layers.Dense(8, activation="relu", name="h1")(inputs)
+        return GradNormModel(inputs, keras.layers.Dense(3, name="out")(h), name="gnm")
+
+    def fit(model):
+        model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+        return model.grad_norm_logger
+
+    (m1, l1), (m2, l2) = _pair(build, lambda m: m.compile(keras.optimizers.SGD(0.1), CE), fit)
+    return {"steps": [len(l1.norms), len(l2.norms)], "max_rel": _rel(l1.norms, l2.norms),
+            "weights": _weights_diff(m1, m2)}
+
+
 def monitor_scenario():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(640, 16)).astype("float32")
@@ -254,6 +275,7 @@ def loss_scale_replica_scenario():
 
 SCENARIOS = {
     "logger": logger_scenario,
+    "gradnorm_model": gradnorm_model_scenario,
     "monitor": monitor_scenario,
     "clipping": clipping_scenario,
     "keras_clipping_warning": keras_clipping_warning_scenario,

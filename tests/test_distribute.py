@@ -40,6 +40,12 @@ def test_logger_records_the_all_reduced_gradient(results, model):
     assert r["min_norm"] > 1e-3  # the comparison is not between zeros
 
 
+def test_gradnorm_model_records_the_sum_not_a_share(results):
+    r = results["gradnorm_model"]
+    assert r["steps"] == [6, 6]
+    assert r["max_rel"] <= 1e-5 and r["weights"] <= 1e-5
+
+
 def test_monitor_findings_match_single_device(results):
     single, mirrored = results["monitor"]["vanishing"]
     assert single and single == mirrored
