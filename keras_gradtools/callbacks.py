@@ -497,6 +497,13 @@ class GradientMonitor(keras.callbacks.Callback):
     `exploding` and `dead_layer`, stop for `nonfinite`, ignore for
     `clipped_spike` (a spike that the optimizer's clipping absorbed).
 
+    Steps that a loss-scale optimizer skipped (`GradNormLogger.skipped_steps`)
+    are its normal working under `mixed_float16` and are not judged; a run of
+    more than 10 of them in a row once training has started (64 for the
+    opening calibration of the scale) is a `nonfinite` finding. Under
+    `tf.distribute` the monitor judges the all-reduced gradient's norms, the
+    same numbers as on one device.
+
     Args:
         logger: the `GradNormLogger` to read, or `None` for one of its own.
             Defaults to `None`.
