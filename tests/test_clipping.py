@@ -250,3 +250,34 @@ def test_every_preset_under_jit_compile_trains_as_without(clip, wrapped):
     np.testing.assert_allclose(a0, a1, rtol=1e-5)
     if clip in ("norm", "global_norm", "value"):
         assert np.all(a0 <= n0 * (1 + 1e-6)) and np.any(a0 < n0 * (1 - 1e-3))
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_under_mixed_float16_clipping_acts_on_unscaled_gradients(wrapped):
+    # One SGD step: the weights move by lr * (the applied gradient), so the
+    # update's global norm / lr is the clipped norm. Clipping the loss-scaled
+    # gradients (x 256) would give threshold / 256 instead.
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 5, size=(8, 6)).astype("float32")
+    y = rng.integers(0, 3, 8)
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    model = _model()
+    before = [w.copy() for w in model.get_weights()]
+    if wrapped:
+        optimizer = C.ClippedOptimizer(keras.optimizers.SGD(0.1), clip="global_norm",
+                                       threshold=0.05)
+    else:
+        optimizer = C.clipped_optimizer("sgd", 0.1, clip="global_norm", threshold=0.05)
+    # Keras' default initial scale (2**15) overflows float16 on these inputs
+    # at the first step, which is then skipped: start lower.
+    model.compile(keras.optimizers.LossScaleOptimizer(optimizer, initial_scale=256.0),
+                  "sparse_categorical_crossentropy")
+    logger = GradNormLogger(include_biases=True)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[logger])
+    assert float(model.optimizer.dynamic_scale.numpy()) == 256.0  # scaled, not skipped
+    assert logger.skipped_steps.size == 0
+    step = np.sqrt(sum(np.sum((a - b).astype(np.float64) ** 2)
+                       for a, b in zip(model.get_weights(), before)))
+    assert logger.global_norms[0] > 0.5  # the raw, unscaled gradient is well above 0.05
+    np.testing.assert_allclose(step / 0.1, 0.05, rtol=1e-2)
+    np.testing.assert_allclose(logger.applied_global_norms[0], 0.05, rtol=1e-3)
