@@ -68,21 +68,30 @@ def train(strategy, log_dir=None):
     dataset = strategy.experimental_distribute_dataset(dataset)
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
 
+    def step(xb, yb):
+        with tf.GradientTape() as tape:
+            per_sample = loss_fn(yb, model(xb, training=True))
+            loss = tf.nn.compute_average_loss(per_sample, global_batch_size=GLOBAL_BATCH)
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply(grads, model.trainable_variables)
+
     @tf.function
     def train_step(batch):
-        def step(xb, yb):
-            with tf.GradientTape() as tape:
-                per_sample = loss_fn(yb, model(xb, training=True))
-                loss = tf.nn.compute_average_loss(per_sample, global_batch_size=GLOBAL_BATCH)
-            grads = tape.gradient(loss, model.trainable_variables)
-            optimizer.apply(grads, model.trainable_variables)
-
         strategy.run(step, args=batch)
 
     recorder = GradNormRecorder(model.trainable_variables, include_biases=True)
     with recording(optimizer, recorder):
         for batch in dataset:
             train_step(batch)
+        spec = dataset.element_spec
+        recorded_ops = _op_types(train_step.get_concrete_function(spec))
+    # The same step traced without the recording: same collective ops.
+    plain_ops = _op_types(tf.function(lambda batch: strategy.run(step, args=batch))
+                          .get_concrete_function(spec))
+    recorder.collectives = {
+        "recorded": sorted(t for t in recorded_ops if "Collective" in t or "AllReduce" in t),
+        "plain": sorted(t for t in plain_ops if "Collective" in t or "AllReduce" in t),
+    }
     if log_dir is not None and is_chief(strategy):
         writer = GradientSummaryWriter(log_dir)
         norms = recorder.norms
@@ -90,6 +99,14 @@ def train(strategy, log_dir=None):
                        (norms ** 2).sum(axis=1) ** 0.5)
         writer.close()
     return recorder
+
+
+def _op_types(concrete):
+    """Op types of a traced function, nested functions included."""
+    types = [op.type for op in concrete.graph.get_operations()]
+    for function in concrete.graph._functions.values():
+        types += [node.op for node in function.definition.node_def]
+    return types
 
 
 def worker(index, ports, out):
@@ -106,6 +123,7 @@ def worker(index, ports, out):
     print("RESULT " + json.dumps({
         "index": index, "replicas": strategy.num_replicas_in_sync,
         "is_chief": is_chief(strategy), "keys": recorder.keys,
+        "collectives": recorder.collectives,
         "norms": recorder.norms.tolist(),
     }), flush=True)
 

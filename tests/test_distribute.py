@@ -131,6 +131,12 @@ def test_multi_worker_norms_equal_on_both_workers_and_one_process():
     assert a.shape == reference.shape == (8, 4)
     np.testing.assert_array_equal(a, b)  # the same all-reduced values on both workers
     np.testing.assert_allclose(a, reference, rtol=1e-5)
+    # No second all-reduce: the recorded step holds the same collective ops as
+    # the same step traced without the recording (MWMS packs the gradients
+    # into one CollectiveReduceV2).
+    for worker in (first, second):
+        assert worker["collectives"]["recorded"] == worker["collectives"]["plain"]
+        assert worker["collectives"]["plain"] == ["CollectiveReduceV2"]
     # Only the chief wrote events into the shared log_dir.
     events = [f for f in r["files"] if "tfevents" in f]
     assert len(events) == 1 and events[0].startswith("logs/train/")
