@@ -13,6 +13,7 @@ Candidates: the logger alone, with the monitor, with TensorBoard scalars
 (default `update_freq`), with histograms every 100 steps, and each clipping
 preset (its own model, same weights, against plain Adam).
 
+`--jit-compile true` compiles every model (baseline included) with XLA.
 `--strategy mirrored` runs everything under `tf.distribute.MirroredStrategy`
 on the CPU split into 2 logical devices (same global batch): the logger then
 records the all-reduced gradient as it leaves the optimizer's own
@@ -79,11 +80,15 @@ def _small_cnn():
     )
 
 
+JIT_COMPILE = "auto"  # set by --jit-compile
+
+
 def _compile(model, optimizer=None):
     model.compile(
         optimizer=optimizer or keras.optimizers.Adam(1e-3),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
+        jit_compile=JIT_COMPILE,
     )
     return model
 
@@ -216,9 +221,14 @@ def _choices(value, known, what, option):
 @click.option("--strategy", type=click.Choice(["none", "mirrored"]), default="none",
               show_default=True,
               help="mirrored: MirroredStrategy over 2 logical CPU devices.")
-def main(model_names, candidates, steps, reps, probe_samples, strategy):
+@click.option("--jit-compile", type=click.Choice(["auto", "true", "false"]), default="auto",
+              show_default=True,
+              help="compile(jit_compile=...) for every model, baseline included (auto: "
+                   "Keras' choice, no XLA on CPU).")
+def main(model_names, candidates, steps, reps, probe_samples, strategy, jit_compile):
     """Per-step overhead of keras_gradtools against plain fit(), interleaved."""
-    global STRATEGY
+    global STRATEGY, JIT_COMPILE
+    JIT_COMPILE = {"auto": "auto", "true": True, "false": False}[jit_compile]
     names = _choices(model_names, MODELS, "model", "--models")
     chosen = _choices(candidates, CANDIDATES, "candidate", "--candidates")
     if strategy == "mirrored":
