@@ -408,9 +408,7 @@ def _check_strategy(strategy, optimizer):
             f"{name}. Received: strategy={name} with "
             f"{strategy.num_replicas_in_sync} replicas"
         )
-    inner = recorder_lib._innermost(optimizer) if optimizer is not None else None
-    own = [a for a in ("clipnorm", "clipvalue", "global_clipnorm")
-           if not hasattr(inner, "clip_gradients") and getattr(inner, a, None) is not None]
+    own = recorder_lib.keras_clip_arguments(optimizer)
     if own:
         warnings.warn(
             f"Under {name} with {strategy.num_replicas_in_sync} replicas, Keras applies "
@@ -427,12 +425,7 @@ def _check_strategy(strategy, optimizer):
 def _clips(optimizer):
     """Whether an optimizer (or the one inside a loss-scale optimizer) clips."""
     inner = recorder_lib._innermost(optimizer) if optimizer is not None else None
-    if inner is None:
-        return False
-    if hasattr(inner, "clip_gradients"):
-        return True
-    return any(getattr(inner, a, None) is not None
-               for a in ("clipnorm", "clipvalue", "global_clipnorm"))
+    return hasattr(inner, "clip_gradients") or bool(recorder_lib.keras_clip_arguments(optimizer))
 
 
 def _nan_aware_max(values):

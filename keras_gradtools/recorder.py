@@ -570,11 +570,8 @@ class _Recording:
         shared = {}
         for recorder in self.recorders:
             recorder.record_step(grads, variables, scale, shared, skipped=skipped)
-        inner = _innermost(optimizer)
-        if self.applied_recorders and not hasattr(inner, "clip_gradients") and any(
-            getattr(inner, a, None) is not None
-            for a in ("clipnorm", "clipvalue", "global_clipnorm")
-        ):
+        if self.applied_recorders and self.keras_clipping:
+            inner = _innermost(optimizer)
             unscaled = grads if scale is None else [
                 None if g is None else g / tf.cast(scale, g.dtype) for g in grads
             ]
@@ -635,11 +632,8 @@ class _Recording:
 
     @property
     def keras_clipping(self):
-        inner = _innermost(self.optimizer)
-        return not hasattr(inner, "clip_gradients") and any(
-            getattr(inner, a, None) is not None
-            for a in ("clipnorm", "clipvalue", "global_clipnorm")
-        )
+        """Whether the optimizer clips with Keras' own arguments."""
+        return bool(keras_clip_arguments(self.optimizer))
 
 
 class _Instrumentation(_Recording):
@@ -817,6 +811,19 @@ def after_all_reduce(optimizer, fn):
         reducing_optimizer(optimizer), "_all_reduce_sum_gradients",
         lambda original: lambda gv: fn(original(gv)),
     )
+
+
+def keras_clip_arguments(optimizer):
+    """Which of Keras' own `clipnorm`/`clipvalue`/`global_clipnorm` an optimizer sets.
+
+    Looks inside a loss-scale optimizer; a `ClippedOptimizer` (which clips
+    with its own methods) gives `[]`.
+    """
+    inner = _innermost(optimizer) if optimizer is not None else None
+    if inner is None or hasattr(inner, "clip_gradients"):
+        return []
+    return [a for a in ("clipnorm", "clipvalue", "global_clipnorm")
+            if getattr(inner, a, None) is not None]
 
 
 def _innermost(optimizer):

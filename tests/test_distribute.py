@@ -17,15 +17,20 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.fixture(scope="module")
-def results():
+def _run(script):
+    """Runs a helper script of this directory in a fresh process; its RESULT line, parsed."""
     out = subprocess.run(
-        [sys.executable, os.path.join(HERE, "distributed_checks.py")],
+        [sys.executable, os.path.join(HERE, script)],
         capture_output=True, text=True, timeout=600,
     )
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     assert lines, out.stderr[-3000:]
     return json.loads(lines[-1][len("RESULT "):])
+
+
+@pytest.fixture(scope="module")
+def results():
+    return _run("distributed_checks.py")
 
 
 @pytest.mark.parametrize("model", ["mlp", "embedding"])
@@ -115,13 +120,7 @@ def test_multi_worker_norms_equal_on_both_workers_and_one_process():
     # a custom loop with `keras_gradtools.recording`), then one process alone.
     import numpy as np
 
-    out = subprocess.run(
-        [sys.executable, os.path.join(HERE, "multiworker_checks.py")],
-        capture_output=True, text=True, timeout=600,
-    )
-    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-    assert lines, out.stderr[-3000:]
-    r = json.loads(lines[-1][len("RESULT "):])
+    r = _run("multiworker_checks.py")
     first, second = r["workers"]
     assert first["replicas"] == second["replicas"] == 2
     assert [first["is_chief"], second["is_chief"]] == [True, False]
