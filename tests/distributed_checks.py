@@ -118,6 +118,48 @@ def gradnorm_model_scenario():
             "weights": _weights_diff(m1, m2)}
 
 
+def tensorboard_scenario():
+    """Scalars every step and histograms every 2 steps, read back with TensorBoard's loader."""
+    import tempfile
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(96, 6)).astype("float32")
+    y = rng.integers(0, 3, 96)
+
+    def fit(model):
+        log_dir = tempfile.mkdtemp(prefix="gradtools-dist-tb-")
+        model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0,
+                  callbacks=[GradNormLogger(log_dir=log_dir, update_freq=1, histogram_freq=2)])
+        events = EventAccumulator(os.path.join(log_dir, "train"),
+                                  size_guidance={"tensors": 0})
+        events.Reload()
+        return {tag: [(e.step, tf.make_ndarray(e.tensor_proto)) for e in events.Tensors(tag)]
+                for tag in events.Tags()["tensors"]}
+
+    (_, t1), (_, t2) = _pair(_mlp, lambda m: m.compile(keras.optimizers.SGD(0.1), CE), fit)
+    out = {"tags": [sorted(t1), sorted(t2)], "steps": {}, "scalar_rel": 0.0,
+           "edge_diff": 0.0, "same_counts": True, "counts": {}}
+    for tag in t1:
+        out["steps"][tag] = [[s for s, _ in t1[tag]], [s for s, _ in t2.get(tag, [])]]
+        a = np.array([v for _, v in t1[tag]], float)
+        b = np.array([v for _, v in t2.get(tag, [])], float)
+        if a.shape != b.shape:
+            out["same_counts"] = False
+            continue
+        if tag.startswith("grad_hist/"):
+            # Bucket edges against the histogram's range; counts exactly.
+            edges_a, edges_b = a[..., :2], b[..., :2]
+            out["edge_diff"] = max(out["edge_diff"], float(
+                np.max(np.abs(edges_a - edges_b)) / np.max(np.abs(edges_a))))
+            out["same_counts"] &= bool(np.array_equal(a[..., 2], b[..., 2]))
+            out["counts"][tag] = [int(v[:, 2].sum()) for _, v in t2[tag]]
+        else:
+            out["scalar_rel"] = max(out["scalar_rel"], _rel(a, b))
+    return out
+
+
 def monitor_scenario():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(640, 16)).astype("float32")
@@ -276,6 +318,7 @@ def loss_scale_replica_scenario():
 SCENARIOS = {
     "logger": logger_scenario,
     "gradnorm_model": gradnorm_model_scenario,
+    "tensorboard": tensorboard_scenario,
     "monitor": monitor_scenario,
     "clipping": clipping_scenario,
     "keras_clipping_warning": keras_clipping_warning_scenario,

@@ -51,6 +51,22 @@ def test_gradnorm_model_records_the_sum_not_a_share(results):
     assert r["max_rel"] <= 1e-5 and r["weights"] <= 1e-5
 
 
+def test_tensorboard_events_match_single_device(results):
+    r = results["tensorboard"]
+    tags, mirrored_tags = r["tags"]
+    assert tags == mirrored_tags
+    assert "grad_norm/global" in tags and "grad_hist/mlp/h1/kernel" in tags
+    for tag, (single, mirrored) in r["steps"].items():
+        assert single == mirrored, tag
+        # 6 steps; scalars at optimizer steps 1..6, histograms every 2nd step.
+        assert single == ([1, 3, 5] if tag.startswith("grad_hist/") else [1, 2, 3, 4, 5, 6])
+    # Histogram bucket totals = the kernel's size (6x8, 8x8, 8x3), written once per step.
+    assert r["counts"]["grad_hist/mlp/h1/kernel"] == [48, 48, 48]
+    assert r["counts"]["grad_hist/mlp/out/kernel"] == [24, 24, 24]
+    assert r["scalar_rel"] <= 1e-5
+    assert r["edge_diff"] <= 1e-5 and r["same_counts"]
+
+
 def test_monitor_findings_match_single_device(results):
     single, mirrored = results["monitor"]["vanishing"]
     assert single and single == mirrored
