@@ -13,6 +13,8 @@ Three ways to feed a recorder, all from the gradients the optimizer applies:
   inside its own `tf.function`.
 """
 
+import functools
+
 import numpy as np
 import tensorflow as tf
 import keras
@@ -482,7 +484,6 @@ class _Recording:
         self.optimizer = optimizer
         self.recorders = []
         self.applied_recorders = []
-        self.own_apply = None
         self._unhook = None
         self._entered = None
         # The strategy the optimizer was created under (Keras' TF optimizers
@@ -501,9 +502,8 @@ class _Recording:
         optimizer = self.optimizer
         patches = []
         if self.replicas == 1:
-            own = optimizer.__dict__.get("apply", _MISSING)
-            self.own_apply = None if own is _MISSING else own
-            patches.append(_Patch(optimizer, "apply", lambda original: self.apply))
+            patches.append(_Patch(optimizer, "apply", lambda original: functools.partial(
+                self.apply, original)))
         else:
             clipper = _innermost(optimizer)
             if hasattr(clipper, "_reduced_hooks"):
@@ -540,7 +540,8 @@ class _Recording:
         if hooks is not None and self._record_applied in hooks:
             hooks.remove(self._record_applied)
 
-    def apply(self, grads, trainable_variables=None):
+    def apply(self, apply, grads, trainable_variables=None):
+        """The optimizer's `apply` (one replica): `apply`, then record what it got."""
         optimizer = self.optimizer
         grads = list(grads)
         if trainable_variables is None:
@@ -549,7 +550,6 @@ class _Recording:
             trainable_variables = list(trainable_variables)
             variables = trainable_variables
         scale = loss_scale_of(optimizer)
-        apply = self.own_apply or type(optimizer).apply.__get__(optimizer)
         skipped = None
         if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
             # The loss-scale optimizer's own verdict on this step (its
@@ -803,14 +803,6 @@ def reducing_optimizer(optimizer):
     while getattr(optimizer, "inner_optimizer", None) is not None:
         optimizer = optimizer.inner_optimizer
     return optimizer
-
-
-def after_all_reduce(optimizer, fn):
-    """A `_Patch`: `fn(grads_and_vars)` transforms the all-reduced gradients."""
-    return _Patch(
-        reducing_optimizer(optimizer), "_all_reduce_sum_gradients",
-        lambda original: lambda gv: fn(original(gv)),
-    )
 
 
 def keras_clip_arguments(optimizer):
