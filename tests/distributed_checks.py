@@ -28,6 +28,13 @@ STRATEGY = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
+def _data(seed, samples=96, features=6, classes=3, scale=1.0):
+    """Random float32 inputs and integer labels, the same for every run of a scenario."""
+    rng = np.random.default_rng(seed)
+    x = (scale * rng.normal(size=(samples, features))).astype("float32")
+    return x, rng.integers(0, classes, samples)
+
+
 def _rel(a, b):
     a, b = np.asarray(a, float), np.asarray(b, float)
     return float(np.max(np.abs(a - b) / np.maximum(np.abs(a), 1e-30))) if a.size else 0.0
@@ -100,9 +107,7 @@ def logger_scenario():
 def gradnorm_model_scenario():
     from keras_gradtools import GradNormModel
 
-    rng = np.random.default_rng(4)
-    x = rng.normal(size=(96, 6)).astype("float32")
-    y = rng.integers(0, 3, 96)
+    x, y = _data(4)
 
     def build():
         inputs = keras.Input((6,))
@@ -124,9 +129,7 @@ def tensorboard_scenario():
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    rng = np.random.default_rng(5)
-    x = rng.normal(size=(96, 6)).astype("float32")
-    y = rng.integers(0, 3, 96)
+    x, y = _data(5)
 
     def fit(model):
         log_dir = tempfile.mkdtemp(prefix="gradtools-dist-tb-")
@@ -161,9 +164,7 @@ def tensorboard_scenario():
 
 
 def monitor_scenario():
-    rng = np.random.default_rng(1)
-    x = rng.normal(size=(640, 16)).astype("float32")
-    y = rng.integers(0, 10, 640)
+    x, y = _data(1, samples=640, features=16, classes=10)
 
     def deep_sigmoid():
         layers = [keras.Input((16,))]
@@ -211,9 +212,7 @@ def _mlp_16():
 
 
 def clipping_scenario():
-    rng = np.random.default_rng(2)
-    x = (5 * rng.normal(size=(96, 6))).astype("float32")
-    y = rng.integers(0, 3, 96)
+    x, y = _data(2, scale=5.0)
     out = {}
     thresholds = {"value": 0.05, "norm": 0.5, "global_norm": 0.5, "agc": 0.01,
                   "autoclip": 10.0, "zclip": 2.5}
@@ -258,9 +257,7 @@ def mixed_precision_scenario(samples=640):
     """A loss scale far too high: the loss-scale optimizer skips steps and halves it."""
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
-        rng = np.random.default_rng(3)
-        x = rng.normal(size=(samples, 6)).astype("float32")
-        y = rng.integers(0, 3, samples)
+        x, y = _data(3, samples=samples)
 
         def build():
             return keras.Sequential([
