@@ -35,6 +35,9 @@ def _reference_norms(model, loss_fn, batches, keys, lr):
         row = []
         for key in keys:
             g = named[key]
+            if g is None:  # no gradient: recorded as 0 (documented)
+                row.append(0.0)
+                continue
             if isinstance(g, tf.IndexedSlices):
                 g = tf.convert_to_tensor(g)
             row.append(np.sqrt(np.sum(np.square(np.asarray(g, np.float64)))))
@@ -488,6 +491,47 @@ def test_gradnorm_model_matches_tape_and_round_trips(tmp_path):
     assert isinstance(loaded, GradNormModel)
     loaded.fit(x, y, batch_size=8, epochs=1, verbose=0)
     assert loaded.grad_norm_logger.norms.shape == (4, 2)
+
+
+@keras.saving.register_keras_serializable(package="tests")
+class _OwnStep(GradNormModel):
+    """A GradNormModel subclass with its own train_step and an unused weight."""
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self.unused = self.add_weight(shape=(2,), initializer="ones", name="unused")
+
+    def train_step(self, data):
+        x, y = data
+        with tf.GradientTape() as tape:
+            loss = self.compute_loss(x=x, y=y, y_pred=self(x, training=True))
+        variables = self.trainable_variables
+        grads = tape.gradient(loss, variables)
+        unused = [i for i, v in enumerate(variables) if v is self.unused]
+        assert len(unused) == 1 and grads[unused[0]] is None
+        applied = self.record_gradient_norms(grads, variables)
+        assert len(applied) == len(grads) and applied[unused[0]] is None
+        used = [i for i in range(len(grads)) if i != unused[0]]
+        self.optimizer.apply([applied[i] for i in used], [variables[i] for i in used])
+        return {"loss": loss}
+
+
+def _own_step():
+    keras.utils.set_random_seed(7)
+    inputs = keras.Input((6,))
+    h = keras.layers.Dense(8, activation="tanh", name="h1")(inputs)
+    out = keras.layers.Dense(3, activation="softmax", name="out")(h)
+    return _OwnStep(inputs, out, name="own")
+
+
+def test_gradnorm_model_own_train_step_applies_what_record_returns():
+    # The returned gradients are the same values (ordered after the norms):
+    # the run follows the reference SGD trajectory step for step.
+    x, y = _classification_data()
+    _, logger = _check_against_tape(_own_step, x, y)
+    assert logger.keys == ["own/unused", "h1/kernel", "out/kernel"]
+    np.testing.assert_array_equal(logger.history["own/unused"], 0.0)
+    assert np.all(logger.history["h1/kernel"] > 0)
 
 
 def test_gradnorm_model_fit_without_logger_attaches_one():
