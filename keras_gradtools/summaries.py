@@ -14,16 +14,27 @@ are never mixed with, or written over, another's.
 
 import glob
 import os
+import time
 
 import numpy as np
-import tensorflow as tf
+from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorboard.plugins.histogram import metadata as histogram_metadata
+from tensorboard.plugins.scalar import metadata as scalar_metadata
+from tensorboard.plugins.text import metadata as text_metadata
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
+from tensorboard.util import tensor_util
 
 SUFFIX = ".gradtools"
 
 
 class GradientSummaryWriter:
     """Writes `grad_norm/*` scalars, `grad_hist/*` histograms and finding texts.
+
+    The events are the ones `tf.summary.scalar`, `tf.summary.write` and
+    `tf.summary.text` write (tensor summaries with the scalars, histograms and
+    text plugins' metadata), built as protocol buffers on the host and
+    handed to TensorBoard's own event file writer: no TensorFlow op per
+    value (about 150 us each in eager mode), one event per step.
 
     Args:
         log_dir: the run directory (events go to `log_dir/train`).
@@ -44,40 +55,65 @@ class GradientSummaryWriter:
                 f"over a run's logs. Choose a new log_dir. Received: log_dir={self.log_dir!r}"
             )
         os.makedirs(self.train_dir, exist_ok=True)
-        self._writer = tf.summary.create_file_writer(self.train_dir, filename_suffix=SUFFIX)
-        self._metadata = histogram_metadata.create_summary_metadata(
-            display_name=None, description="gradient values (keras_gradtools)"
-        ).SerializeToString()
+        self._writer = EventFileWriter(self.train_dir, filename_suffix=SUFFIX)
+        self._scalar_metadata = scalar_metadata.create_summary_metadata(
+            display_name="", description="")
+        self._histogram_metadata = histogram_metadata.create_summary_metadata(
+            display_name=None, description="gradient values (keras_gradtools)")
+        self._text_metadata = text_metadata.create_summary_metadata(
+            display_name="", description="")
+        # The metadata (which plugin reads a tag) goes with a tag's first
+        # value, as TensorFlow's writers do.
+        self._tagged = set()
+
+    def _value(self, tag, tensor, metadata):
+        value = summary_pb2.Summary.Value(tag=tag, tensor=tensor)
+        if tag not in self._tagged:
+            self._tagged.add(tag)
+            value.metadata.CopyFrom(metadata)
+        return value
+
+    def _event(self, step, values):
+        self._writer.add_event(event_pb2.Event(
+            wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=values)))
+
+    def _scalar(self, tag, value):
+        tensor = tensor_pb2.TensorProto(
+            dtype=types_pb2.DT_FLOAT, float_val=[float(value)],
+            tensor_shape=tensor_shape_pb2.TensorShapeProto())
+        return self._value(tag, tensor, self._scalar_metadata)
 
     def scalars(self, steps, keys, rows, global_norms):
         """Writes one `grad_norm/<key>` per key and `grad_norm/global` per step."""
-        with self._writer.as_default():
-            for step, row, g in zip(steps, rows, global_norms):
-                step = int(step)
-                for key, value in zip(keys, row):
-                    tf.summary.scalar(f"grad_norm/{key}", float(value), step=step)
-                tf.summary.scalar("grad_norm/global", float(g), step=step)
+        tags = [f"grad_norm/{key}" for key in keys]
+        for step, row, g in zip(steps, rows, global_norms):
+            values = [self._scalar(tag, value) for tag, value in zip(tags, row)]
+            values.append(self._scalar("grad_norm/global", g))
+            self._event(step, values)
 
     def applied_scalars(self, steps, rows_global):
         """Writes `grad_norm_applied/global` (post-clipping) per step."""
-        with self._writer.as_default():
-            for step, g in zip(steps, rows_global):
-                tf.summary.scalar("grad_norm_applied/global", float(g), step=int(step))
+        for step, g in zip(steps, rows_global):
+            self._event(step, [self._scalar("grad_norm_applied/global", g)])
 
     def histograms(self, step, buckets_by_key):
         """Writes `grad_hist/<key>` from precomputed `[left, right, count]` rows."""
-        with self._writer.as_default():
-            for key, buckets in buckets_by_key.items():
-                tf.summary.write(
-                    f"grad_hist/{key}", tf.constant(np.asarray(buckets, np.float64)),
-                    step=int(step), metadata=self._metadata,
-                )
+        values = [
+            self._value(f"grad_hist/{key}",
+                        tensor_util.make_tensor_proto(np.asarray(buckets, np.float64)),
+                        self._histogram_metadata)
+            for key, buckets in buckets_by_key.items()
+        ]
+        if values:
+            self._event(step, values)
 
     def text(self, tag, text, step):
-        """Writes a text summary (a finding) at `step`."""
-        with self._writer.as_default():
-            tf.summary.text(tag, text, step=int(step))
-        self._writer.flush()
+        """Writes a text summary (a finding) at `step`, flushed at once."""
+        tensor = tensor_pb2.TensorProto(
+            dtype=types_pb2.DT_STRING, string_val=[str(text).encode("utf-8")],
+            tensor_shape=tensor_shape_pb2.TensorShapeProto())
+        self._event(step, [self._value(tag, tensor, self._text_metadata)])
+        self.flush()
 
     def flush(self):
         self._writer.flush()
