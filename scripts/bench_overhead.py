@@ -3,9 +3,11 @@
 Baseline and candidates run in one process, interleaved, on the same model,
 for `--reps` repetitions; each run is timed from its second step (the first
 traces the train function) to the end of the epoch, with a callback that
-uses only batch-*begin* hooks so that timing itself adds no host sync. The
-script prints the median step-time ratio candidate/baseline with its min and
-max, and the cost of the article's per-epoch probe
+uses only batch-*begin* hooks so that timing itself adds no host sync. Each
+candidate run sits between two plain runs and its ratio is taken against
+their mean (the candidates' order alternates between repetitions), so that a
+drift of the machine's speed cancels. The script prints the median
+step-time ratio candidate/baseline with its min and max, and the cost of the article's per-epoch probe
 (`compute_weight_gradient_norms` over all training samples) relative to one
 epoch of training.
 
@@ -19,7 +21,7 @@ on the CPU split into 2 logical devices (same global batch): the logger then
 records the all-reduced gradient as it leaves the optimizer's own
 all-reduce, with no second all-reduce.
 
-Run: `python scripts/bench_overhead.py` (about 15 minutes on 2 CPU cores; pick
+Run: `python scripts/bench_overhead.py` (about 25 minutes on 2 CPU cores; pick
 with `--models` and `--candidates`).
 """
 
@@ -155,24 +157,35 @@ def bench_model(name, steps, reps, candidates):
             with _scope():
                 own[c] = _compile(build(), make_optimizer())
             _time_fit(own[c], x, y, batch_size, [])
+    # Every candidate run sits between two plain runs and is divided by
+    # their mean, so that a drift of the machine's speed (which moves step
+    # times by several percent over a minute here) cancels instead of
+    # landing on whichever candidate runs farthest from the baseline; the
+    # order of the candidates alternates from one repetition to the next.
     times = {"plain": []}
     times.update({c: [] for c in candidates})
-    for _ in range(reps):
-        times["plain"].append(_time_fit(model, x, y, batch_size, []))
-        for c in candidates:
-            times[c].append(_time_fit(own.get(c, model), x, y, batch_size,
-                                      CANDIDATES[c][0]()))
+    ratios = {c: [] for c in candidates}
+    for rep in range(reps):
+        before = _time_fit(model, x, y, batch_size, [])
+        times["plain"].append(before)
+        for c in (candidates if rep % 2 == 0 else candidates[::-1]):
+            t = _time_fit(own.get(c, model), x, y, batch_size, CANDIDATES[c][0]())
+            after = _time_fit(model, x, y, batch_size, [])
+            times["plain"].append(after)
+            times[c].append(t)
+            ratios[c].append(t / ((before + after) / 2))
+            before = after
     base = statistics.median(times["plain"])
     click.echo(
-        f"\n{name} (batch {batch_size}, {steps} steps x {reps} reps): "
-        f"plain fit {base * 1e3:.2f} ms/step"
+        f"\n{name} (batch {batch_size}, {steps} steps x {reps} reps, each run between "
+        f"two plain runs): plain fit {base * 1e3:.2f} ms/step"
     )
     click.echo(f"  {'candidate':<28} {'ms/step':>8} {'median':>8} {'min':>7} {'max':>7}")
     for c in candidates:
-        ratios = [t / b for t, b in zip(times[c], times["plain"])]
+        ratios_c = ratios[c]
         click.echo(
             f"  {c:<28} {statistics.median(times[c]) * 1e3:8.2f} "
-            f"{statistics.median(ratios):8.3f} {min(ratios):7.3f} {max(ratios):7.3f}"
+            f"{statistics.median(ratios_c):8.3f} {min(ratios_c):7.3f} {max(ratios_c):7.3f}"
         )
     return model
 
