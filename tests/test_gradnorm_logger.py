@@ -472,12 +472,12 @@ def test_save_csv_and_json_never_overwrite(tmp_path):
 # ---------------------------------------------------------------------------
 
 
-def _gradnorm_functional():
+def _gradnorm_functional(cls=GradNormModel, name="gnm"):
     keras.utils.set_random_seed(7)
     inputs = keras.Input((6,))
     h = keras.layers.Dense(8, activation="tanh", name="h1")(inputs)
     out = keras.layers.Dense(3, activation="softmax", name="out")(h)
-    return GradNormModel(inputs, out, name="gnm")
+    return cls(inputs, out, name=name)
 
 
 def test_gradnorm_model_matches_tape_and_round_trips(tmp_path):
@@ -517,11 +517,7 @@ class _OwnStep(GradNormModel):
 
 
 def _own_step():
-    keras.utils.set_random_seed(7)
-    inputs = keras.Input((6,))
-    h = keras.layers.Dense(8, activation="tanh", name="h1")(inputs)
-    out = keras.layers.Dense(3, activation="softmax", name="out")(h)
-    return _OwnStep(inputs, out, name="own")
+    return _gradnorm_functional(_OwnStep, "own")
 
 
 def test_gradnorm_model_own_train_step_applies_what_record_returns():
