@@ -62,8 +62,8 @@ class GradientSummaryWriter:
             display_name=None, description="gradient values (keras_gradtools)")
         self._text_metadata = text_metadata.create_summary_metadata(
             display_name="", description="")
-        # The metadata (which plugin reads a tag) goes with a tag's first
-        # value, as TensorFlow's writers do.
+        # TensorBoard takes a tag's plugin (its metadata) from the tag's
+        # first value: the metadata goes with that one only.
         self._tagged = set()
 
     def _value(self, tag, tensor, metadata):

@@ -7,9 +7,9 @@ uses only batch-*begin* hooks so that timing itself adds no host sync. Each
 candidate run sits between two plain runs and its ratio is taken against
 their mean (the candidates' order alternates between repetitions), so that a
 drift of the machine's speed cancels. The script prints the median
-step-time ratio candidate/baseline with its min and max, and the cost of the article's per-epoch probe
-(`compute_weight_gradient_norms` over all training samples) relative to one
-epoch of training.
+step-time ratio candidate/baseline with its min and max, and the cost of the
+article's per-epoch probe (`compute_weight_gradient_norms` over all training
+samples) relative to one epoch of training.
 
 Candidates: the logger alone, with the monitor, with TensorBoard scalars
 (default `update_freq`), with histograms every 100 steps, and each clipping
@@ -182,10 +182,9 @@ def bench_model(name, steps, reps, candidates):
     )
     click.echo(f"  {'candidate':<28} {'ms/step':>8} {'median':>8} {'min':>7} {'max':>7}")
     for c in candidates:
-        ratios_c = ratios[c]
         click.echo(
             f"  {c:<28} {statistics.median(times[c]) * 1e3:8.2f} "
-            f"{statistics.median(ratios_c):8.3f} {min(ratios_c):7.3f} {max(ratios_c):7.3f}"
+            f"{statistics.median(ratios[c]):8.3f} {min(ratios[c]):7.3f} {max(ratios[c]):7.3f}"
         )
     return model
 
