@@ -9,9 +9,11 @@ import numpy as np
 import keras
 import tensorflow as tf
 
+from keras_gradtools import clipping
 from keras_gradtools import diagnose
 from keras_gradtools import norms as norms_lib
-from keras_gradtools import recorder as recorder_lib
+from keras_gradtools import tap
+from keras_gradtools.recorder import GradNormRecorder
 
 
 class GradNormLogger(keras.callbacks.Callback):
@@ -91,9 +93,7 @@ class GradNormLogger(keras.callbacks.Callback):
             to `256`.
         log_dir: TensorBoard run directory, or `None` for no TensorBoard
             output. Defaults to `None`.
-        update_freq: write scalars every this many steps. Defaults to `50`
-            (every 10 steps cost about 10% on a 7 ms CPU step: see
-            `scripts/bench_overhead.py`).
+        update_freq: write scalars every this many steps. Defaults to `50`.
         histogram_freq: write gradient histograms every this many steps; 0
             for none. Defaults to `0`.
         histogram_buckets: buckets per histogram. Defaults to `30`.
@@ -142,6 +142,10 @@ class GradNormLogger(keras.callbacks.Callback):
         self._calls_since_flush = 0
         self._steps_per_call = 1
         self._readers = []
+        # Rows (and histogram steps) already handed to the TensorBoard
+        # writer and the readers: moved by `flush()` alone.
+        self._published = 0
+        self._histograms_published = 0
 
     # ------------------------------------------------------------------
     # Results
@@ -270,7 +274,12 @@ class GradNormLogger(keras.callbacks.Callback):
             self._readers.remove(reader)
 
     def flush(self):
-        """Copies the steps recorded since the last flush from the device.
+        """Publishes the steps recorded since the last flush.
+
+        Copies them from the device, writes their TensorBoard events and
+        hands them to the readers (`GradientMonitor`). Reading `history`,
+        `norms` or `global_norms` in between publishes nothing and hides
+        nothing: the next flush publishes every step since this one.
 
         Returns:
             The new rows, a `(new_steps, len(keys))` array.
@@ -278,16 +287,18 @@ class GradNormLogger(keras.callbacks.Callback):
         self._calls_since_flush = 0
         if self.recorder is None:
             return np.zeros((0, 0))
-        applied = None
-        if self.applied_recorder is not None:
-            applied = self.applied_recorder.flush()
-        first = self.recorder._read
-        rows = self.recorder.flush()
+        norms = self.recorder.norms
+        first, self._published = self._published, len(norms)
+        rows = norms[first:]
         if self.writer is not None:
+            applied = None
+            if self.applied_recorder is not None:
+                applied = self.applied_recorder.norms[first:first + len(rows)]
             self._write_summaries(first, rows, applied)
         if len(rows):
+            skipped = self.recorder.skipped[first:]
             for reader in list(self._readers):
-                reader(first, rows, self.recorder.last_skipped)
+                reader(first, rows, skipped)
         return rows
 
     def tensorboard_step(self, step):
@@ -303,8 +314,9 @@ class GradNormLogger(keras.callbacks.Callback):
                                 norms_lib.global_norm(rows[keep]))
             if applied is not None and len(applied) == len(rows):
                 self.writer.applied_scalars(steps, norms_lib.global_norm(applied[keep]))
-        for step, buckets in self.recorder.histograms():
+        for step, buckets in self.recorder.histograms(since=self._histograms_published):
             self.writer.histograms(self.tensorboard_step(step), buckets)
+            self._histograms_published = step + 1
         self.writer.flush()
 
     def write_text(self, tag, text, step):
@@ -317,15 +329,18 @@ class GradNormLogger(keras.callbacks.Callback):
     # ------------------------------------------------------------------
 
     def on_train_begin(self, logs=None):
+        tap.check_backend()
         strategy = getattr(self.model, "distribute_strategy", None) or tf.distribute.get_strategy()
         replicas = int(getattr(strategy, "num_replicas_in_sync", 1))
         if replicas > 1:
             _check_strategy(strategy, self.model.optimizer)
         # Under MultiWorkerMirroredStrategy every worker records (the same
         # numbers); only the chief writes TensorBoard events.
-        self.is_chief = recorder_lib.is_chief(strategy)
+        self.is_chief = tap.is_chief(strategy)
         self.epoch_end_steps = []
         self._calls_since_flush = 0
+        self._published = 0
+        self._histograms_published = 0
         self._steps_per_call = max(
             1, int(getattr(self.model, "steps_per_execution", 1) or 1)
         )
@@ -335,7 +350,7 @@ class GradNormLogger(keras.callbacks.Callback):
             self.writer = GradientSummaryWriter(self.log_dir)
         optimizer = self.model.optimizer
         self._first_iteration = int(optimizer.iterations.numpy()) if optimizer is not None else 0
-        self.recorder = recorder_lib.GradNormRecorder(
+        self.recorder = GradNormRecorder(
             self.model.trainable_variables,
             include_biases=self.include_biases,
             capacity=self.flush_every + 2 * self._steps_per_call + 1,
@@ -343,13 +358,13 @@ class GradNormLogger(keras.callbacks.Callback):
             histogram_buckets=self.histogram_buckets,
         )
         self.applied_recorder = None
-        if _clips(self.model.optimizer):
-            self.applied_recorder = recorder_lib.GradNormRecorder(
+        if clipping.clips(self.model.optimizer):
+            self.applied_recorder = GradNormRecorder(
                 self.model.trainable_variables,
                 include_biases=self.include_biases,
                 capacity=self.recorder.capacity,
             )
-        self._restore = recorder_lib.instrument_model(
+        self._restore = tap.instrument_model(
             self.model, [self.recorder],
             applied_recorders=[self.applied_recorder] if self.applied_recorder else [],
         )
@@ -408,7 +423,7 @@ def _check_strategy(strategy, optimizer):
             f"{name}. Received: strategy={name} with "
             f"{strategy.num_replicas_in_sync} replicas"
         )
-    own = recorder_lib.keras_clip_arguments(optimizer)
+    own = list(clipping.layout(optimizer).keras_clipping)
     if own:
         warnings.warn(
             f"Under {name} with {strategy.num_replicas_in_sync} replicas, Keras applies "
@@ -420,12 +435,6 @@ def _check_strategy(strategy, optimizer):
             "created inside `strategy.scope()`.",
             stacklevel=3,
         )
-
-
-def _clips(optimizer):
-    """Whether an optimizer (or the one inside a loss-scale optimizer) clips."""
-    inner = recorder_lib._innermost(optimizer) if optimizer is not None else None
-    return hasattr(inner, "clip_gradients") or bool(recorder_lib.keras_clip_arguments(optimizer))
 
 
 def _nan_aware_max(values):
@@ -563,7 +572,7 @@ class GradientMonitor(keras.callbacks.Callback):
         if self.diagnoser is None:
             self.diagnoser = diagnose.Diagnoser(
                 self.logger.keys, thresholds=self.thresholds,
-                clipping=diagnose.describe_clipping(self.model.optimizer),
+                clipping=clipping.describe_clipping(self.model.optimizer),
             )
         for finding in self.diagnoser.feed(first_step, rows, skipped):
             finding.epoch = diagnose.epoch_of_step(

@@ -179,7 +179,7 @@ def _clipping_of(config):
     """The clipping of a saved run's optimizer, described as `describe_clipping` does."""
     import keras
 
-    from keras_gradtools.diagnose import describe_clipping
+    from keras_gradtools.clipping import describe_clipping
 
     saved = config.get("optimizer_config")
     if not saved:

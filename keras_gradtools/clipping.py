@@ -22,17 +22,20 @@ them:
 `None` gradients pass through untouched everywhere.
 """
 
+import collections
 import functools
 
 import numpy as np
 import tensorflow as tf
 import keras
 
+from keras_gradtools import internals
 from keras_gradtools import norms as norms_lib
-from keras_gradtools import recorder as recorder_lib
 
 CLIP_METHODS = ("none", "value", "norm", "global_norm", "agc", "autoclip", "zclip")
-_KERAS_ARGUMENT = {"value": "clipvalue", "norm": "clipnorm", "global_norm": "global_clipnorm"}
+# Keras' own clipping arguments, the one place they are spelled.
+KERAS_CLIP_ARGUMENTS = ("clipnorm", "clipvalue", "global_clipnorm")
+_KERAS_ARGUMENT = dict(zip(("norm", "value", "global_norm"), KERAS_CLIP_ARGUMENTS))
 _DEFAULT_THRESHOLD = {"value": 1.0, "norm": 1.0, "global_norm": 1.0, "agc": 0.01,
                       "autoclip": 10.0, "zclip": 2.5}
 _WRAPPER_METHODS = ("value", "norm", "global_norm", "agc", "autoclip", "zclip")
@@ -326,9 +329,9 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
     it also takes `"value"`, `"norm"` and `"global_norm"`: Keras' own
     arguments clip each replica's share before the sum.
 
-    `last_raw_norm` and `last_applied_norm` hold the global gradient norm
-    before and after clipping at the latest step; `GradNormLogger` records
-    the applied per-variable norms too (`applied_history`).
+    `last_applied_norm` holds the global gradient norm after clipping at
+    the latest step; `GradNormLogger` records the applied per-variable norms
+    (`applied_history`).
 
     Args:
         inner_optimizer: the Keras optimizer that applies the updates.
@@ -356,7 +359,7 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
     def __init__(self, inner_optimizer, clip, threshold=None, eps=1e-3,
                  agc_skip_last_layer=True, history_size=10000, alpha=0.97,
                  warmup=25, name=None, **kwargs):
-        for arg in ("clipnorm", "clipvalue", "global_clipnorm"):
+        for arg in KERAS_CLIP_ARGUMENTS:
             if kwargs.get(arg) is not None:
                 raise ValueError(
                     f"Only one of clip and {arg} can be set: set clipping on the "
@@ -385,18 +388,29 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
         self._applied_hooks = []
         self._reduced_hooks = []
         self._owners = {}
-        # The all-reduce of several replicas happens in the innermost
-        # optimizer; clipping the sum means acting as it leaves it. With one
-        # replica this passes the gradients through (they were clipped in
-        # `apply`). Replicas are traced in parallel threads: the hook is set
-        # once, here, never swapped during a step.
-        reducer = recorder_lib.reducing_optimizer(inner_optimizer)
-        reducer._all_reduce_sum_gradients = functools.partial(
-            _reduce_and_clip, self, type(reducer)._all_reduce_sum_gradients.__get__(reducer))
+        # Several replicas: the all-reduce happens in the innermost
+        # optimizer, and clipping the sum means acting as it leaves it. The
+        # hook is patched in while `apply` runs (every replica's, counted)
+        # and taken out after: the inner optimizer is never changed for good.
+        self._clip_sum = internals.patch_all_reduce(
+            layout(inner_optimizer).base,
+            lambda all_reduce: functools.partial(self._reduce_and_clip, all_reduce))
 
-    @property
-    def gradtools_clipping(self):
-        return f"{self.clip}({self.threshold:g})"
+    def add_applied_hook(self, hook):
+        """Calls `hook(clipped_grads, variables)` at every step, as it clips."""
+        self._applied_hooks.append(hook)
+
+    def remove_applied_hook(self, hook):
+        if hook in self._applied_hooks:
+            self._applied_hooks.remove(hook)
+
+    def add_reduced_hook(self, hook):
+        """Several replicas: calls `hook(grads_and_vars)` with the sum, before it is clipped."""
+        self._reduced_hooks.append(hook)
+
+    def remove_reduced_hook(self, hook):
+        if hook in self._reduced_hooks:
+            self._reduced_hooks.remove(hook)
 
     def build(self, var_list):
         if self.built:
@@ -406,7 +420,6 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
         # every replica: the first replica's write stands for all.
         add = functools.partial(self.add_variable, initializer=zeros,
                                 aggregation="only_first_replica")
-        self.last_raw_norm = add((), name="last_raw_norm")
         self.last_applied_norm = add((), name="last_applied_norm")
         if self.clip == "autoclip":
             self.clip_history = add((self.history_size,), name="clip_history")
@@ -425,13 +438,12 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
     def clip_gradients(self, grads, trainable_variables):
         """Clips `grads` with this optimizer's method, updating its state."""
         grads = list(grads)
-        raw = global_norm(grads)
         if self.clip == "value":
             grads = clip_by_value(grads, self.threshold)
         elif self.clip == "norm":
             grads = clip_by_norm(grads, self.threshold)
         elif self.clip == "global_norm":
-            grads = clip_by_global_norm(grads, self.threshold, norm=raw)
+            grads = clip_by_global_norm(grads, self.threshold)
         elif self.clip == "agc":
             skip = _last_layer_indices(trainable_variables) if self.agc_skip_last_layer else ()
             grads = adaptive_clip(grads, trainable_variables, self.threshold, self.eps, skip)
@@ -451,7 +463,6 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
             for variable, value in zip(self.z_state, (mean, var, warm_sum, warm_sumsq)):
                 variable.assign(value)
             self.clip_count.assign(count)
-        self.last_raw_norm.assign(raw)
         self.last_applied_norm.assign(global_norm(grads))
         return grads
 
@@ -461,21 +472,39 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
                 self.build(trainable_variables)
             self.built = True
         variables = (list(trainable_variables) if trainable_variables is not None
-                     else list(self.inner_optimizer._trainable_variables))
+                     else internals.optimizer_variables(self.inner_optimizer))
         if _replicas() > 1:
             # Each replica holds its share of the gradient here: the sum is
             # clipped as it leaves the inner optimizer's all-reduce
             # (`_reduce_and_clip`).
             self._owners = {}
             for variable in variables:
-                for handle in recorder_lib._handles(variable):
+                for handle in internals.variable_handles(variable):
                     self._owners[id(handle)] = variable
-            self.inner_optimizer.apply(grads, trainable_variables)
+            with self._clip_sum:
+                self.inner_optimizer.apply(grads, trainable_variables)
             return
         grads = self.clip_gradients(grads, variables)
         for hook in list(self._applied_hooks):
             hook(grads, variables)
         self.inner_optimizer.apply(grads, trainable_variables)
+
+    def _reduce_and_clip(self, all_reduce, grads_and_vars):
+        """The inner optimizer's all-reduce, then (several replicas) the clipping of the sum."""
+        grads_and_vars = list(all_reduce(grads_and_vars))
+        if _replicas() == 1:
+            return grads_and_vars
+        for hook in list(self._reduced_hooks):
+            hook(grads_and_vars)
+        present = [i for i, (g, _) in enumerate(grads_and_vars) if g is not None]
+        owned = [self._owners.get(id(grads_and_vars[i][1]), grads_and_vars[i][1])
+                 for i in present]
+        clipped = self.clip_gradients([grads_and_vars[i][0] for i in present], owned)
+        for hook in list(self._applied_hooks):
+            hook(clipped, owned)
+        for i, g in zip(present, clipped):
+            grads_and_vars[i] = (g, grads_and_vars[i][1])
+        return grads_and_vars
 
     @property
     def learning_rate(self):
@@ -488,6 +517,12 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
     @property
     def iterations(self):
         return self.inner_optimizer.iterations
+
+    @iterations.setter
+    def iterations(self, value):
+        # Keras 3.3's base optimizer assigns a counter of its own in
+        # `__init__`; the inner optimizer's is the one that counts.
+        self._own_iterations = value
 
     def scale_loss(self, loss):
         return self.inner_optimizer.scale_loss(loss)
@@ -523,24 +558,6 @@ def _replicas():
         tf.distribute.get_strategy().num_replicas_in_sync)
 
 
-def _reduce_and_clip(optimizer, all_reduce, grads_and_vars):
-    """The inner optimizer's all-reduce, then (several replicas) the clipping of the sum."""
-    grads_and_vars = list(all_reduce(grads_and_vars))
-    if _replicas() == 1:
-        return grads_and_vars
-    for hook in list(optimizer._reduced_hooks):
-        hook(grads_and_vars)
-    present = [i for i, (g, _) in enumerate(grads_and_vars) if g is not None]
-    owned = [optimizer._owners.get(id(grads_and_vars[i][1]), grads_and_vars[i][1])
-             for i in present]
-    clipped = optimizer.clip_gradients([grads_and_vars[i][0] for i in present], owned)
-    for hook in list(optimizer._applied_hooks):
-        hook(clipped, owned)
-    for i, g in zip(present, clipped):
-        grads_and_vars[i] = (g, grads_and_vars[i][1])
-    return grads_and_vars
-
-
 def _last_layer_indices(variables):
     """Positions of the variables of the layer owning the last rank>=2 variable."""
     variables = list(variables)
@@ -569,13 +586,11 @@ def _check_threshold(clip, threshold):
 
 
 def _check_no_keras_clipping(optimizer, clip):
-    for arg in ("clipnorm", "clipvalue", "global_clipnorm"):
-        value = getattr(optimizer, arg, None)
-        if value is not None:
-            raise ValueError(
-                f"Only one of clip and {arg} can be set: the inner optimizer already "
-                f"clips with {arg}. Received: clip={clip!r}, {arg}={value!r}"
-            )
+    for arg, value in layout(optimizer).keras_clipping.items():
+        raise ValueError(
+            f"Only one of clip and {arg} can be set: the inner optimizer already "
+            f"clips with {arg}. Received: clip={clip!r}, {arg}={value!r}"
+        )
 
 
 def clipped_optimizer(optimizer="adam", learning_rate=1e-3, clip="norm", threshold=None,
@@ -644,7 +659,8 @@ def clipped_optimizer(optimizer="adam", learning_rate=1e-3, clip="norm", thresho
         for arg in _KERAS_ARGUMENT.values():
             if kwargs.get(arg) is not None and arg != own:
                 raise ValueError(
-                    f"Only one of clipnorm, clipvalue and global_clipnorm can be set. "
+                    f"Only one of {', '.join(KERAS_CLIP_ARGUMENTS[:-1])} and "
+                    f"{KERAS_CLIP_ARGUMENTS[-1]} can be set. "
                     f"Received: clip={clip!r} (sets {own}) and {arg}={kwargs[arg]!r}"
                 )
         threshold = _DEFAULT_THRESHOLD[clip] if threshold is None else float(threshold)
@@ -688,3 +704,110 @@ def parse_clip(text):
         raise ValueError(
             f"The threshold after ':' must be a number. Received: clip={text!r}"
         ) from None
+
+
+# ----------------------------------------------------------------------
+# What an optimizer is, and how it clips: the one answer
+# ----------------------------------------------------------------------
+
+OptimizerLayout = collections.namedtuple(
+    "OptimizerLayout", ["loss_scale", "clipper", "base", "keras_clipping"])
+OptimizerLayout.__doc__ = """The wrappers around an optimizer, outside in.
+
+Attributes:
+    loss_scale: the `keras.optimizers.LossScaleOptimizer`, or `None`.
+    clipper: the `ClippedOptimizer`, or `None`.
+    base: the optimizer that updates the weights (and, under
+        `tf.distribute`, all-reduces the gradients): the innermost one.
+    keras_clipping: dict of Keras' own clipping arguments set on the
+        optimizer that clips (`{"clipnorm": 1.0}`), empty if none.
+"""
+
+
+def layout(optimizer):
+    """Unwraps an optimizer: loss scaling, `ClippedOptimizer`, the base optimizer.
+
+    Args:
+        optimizer: a Keras optimizer.
+
+    Returns:
+        An `OptimizerLayout`.
+
+    Example:
+
+    >>> opt = keras.optimizers.LossScaleOptimizer(clipped_optimizer(clip="zclip"))
+    >>> found = layout(opt)
+    >>> type(found.clipper).__name__, type(found.base).__name__, found.keras_clipping
+    ('ClippedOptimizer', 'Adam', {})
+    >>> layout(keras.optimizers.Adam(clipnorm=1.0)).keras_clipping
+    {'clipnorm': 1.0}
+    """
+    loss_scale = clipper = None
+    while True:
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) and loss_scale is None:
+            loss_scale = optimizer
+        elif isinstance(optimizer, ClippedOptimizer) and clipper is None:
+            clipper = optimizer
+        else:
+            break
+        optimizer = optimizer.inner_optimizer
+    keras_clipping = {}
+    if clipper is None:
+        for arg in KERAS_CLIP_ARGUMENTS:
+            value = getattr(optimizer, arg, None)
+            if value is not None:
+                keras_clipping[arg] = value
+    return OptimizerLayout(loss_scale, clipper, optimizer, keras_clipping)
+
+
+def clips(optimizer):
+    """Whether an optimizer clips its gradients (Keras' arguments or a `ClippedOptimizer`)."""
+    if optimizer is None:
+        return False
+    found = layout(optimizer)
+    return found.clipper is not None or bool(found.keras_clipping)
+
+
+def describe_clipping(optimizer):
+    """A short description of an optimizer's gradient clipping, or `None`.
+
+    Example:
+
+    >>> describe_clipping(keras.optimizers.Adam(clipnorm=1.0))
+    'clipnorm=1'
+    >>> describe_clipping(keras.optimizers.LossScaleOptimizer(clipped_optimizer(clip="zclip")))
+    'zclip(2.5)'
+    """
+    if optimizer is None:
+        return None
+    found = layout(optimizer)
+    if found.clipper is not None:
+        return f"{found.clipper.clip}({found.clipper.threshold:g})"
+    return ", ".join(f"{k}={v:g}" for k, v in found.keras_clipping.items()) or None
+
+
+def loss_scale_of(optimizer):
+    """Returns the factor by which an optimizer scales the loss, or `None`.
+
+    Gradients taken from a scaled loss are scaled by the same factor; the
+    recorded norms divide it out so that they are those of the true
+    gradient. A `LossScaleOptimizer` (what `compile()` wraps the optimizer
+    in under the `mixed_float16` policy) scales by its current
+    `dynamic_scale`; any Keras optimizer may also have a static
+    `loss_scale_factor`.
+
+    Args:
+        optimizer: a Keras optimizer, or `None`.
+
+    Returns:
+        A scalar (tensor or float), or `None` when the loss is not scaled.
+    """
+    if optimizer is None:
+        return None
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        # Mirrors LossScaleOptimizer.scale_loss: the constant initial scale
+        # until the optimizer is built, its variable after.
+        if optimizer.built:
+            return optimizer.dynamic_scale
+        return optimizer.initial_scale
+    return getattr(optimizer, "loss_scale_factor", None)

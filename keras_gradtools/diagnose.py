@@ -709,31 +709,3 @@ def diagnose_norms(norms, keys, epoch_end_steps=None, thresholds=None, clipping=
         skipped[np.asarray(skipped_steps, int)] = True
     diagnoser.feed(0, norms, skipped)
     return diagnoser.report(epoch_end_steps)
-
-
-def describe_clipping(optimizer):
-    """A short description of an optimizer's gradient clipping, or `None`.
-
-    Example:
-
-    >>> import keras
-    >>> describe_clipping(keras.optimizers.Adam(clipnorm=1.0))
-    'clipnorm=1'
-    >>> from keras_gradtools.clipping import clipped_optimizer
-    >>> describe_clipping(keras.optimizers.LossScaleOptimizer(clipped_optimizer(clip="zclip")))
-    'zclip(2.5)'
-    """
-    if optimizer is None:
-        return None
-    custom = getattr(optimizer, "gradtools_clipping", None)
-    if custom:  # a keras_gradtools ClippedOptimizer
-        return custom
-    inner = getattr(optimizer, "inner_optimizer", None)
-    if inner is not None:  # a LossScaleOptimizer: the clipping is its inner one's
-        return describe_clipping(inner)
-    parts = []
-    for name in ("clipnorm", "clipvalue", "global_clipnorm"):
-        value = getattr(optimizer, name, None)
-        if value is not None:
-            parts.append(f"{name}={value:g}")
-    return ", ".join(parts) or None

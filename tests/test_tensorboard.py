@@ -131,3 +131,52 @@ def test_a_log_dir_holding_a_run_is_refused(tmp_path):
                   callbacks=[GradNormLogger(log_dir=tmp_path / "run")])
     assert sorted(glob.glob(str(tmp_path / "run" / "train" / "*"))) == before
     assert "apply" not in vars(model.optimizer)
+
+
+class _Reader(keras.callbacks.Callback):
+    """A user's callback that reads the logger's results at every batch."""
+
+    def __init__(self, logger):
+        super().__init__()
+        self.logger = logger
+        self.seen = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.seen.append((len(self.logger.history["net/out/kernel"]),
+                          self.logger.norms.shape[0], len(self.logger.global_norms)))
+
+
+def test_reading_during_fit_loses_no_step_for_tensorboard_monitor_or_save(tmp_path):
+    # 64 samples, batch 2: 32 steps, every one written (update_freq=1) and
+    # histogrammed every 4th; a callback reads history, norms and global_norms
+    # after every batch.
+    x = np.random.RandomState(0).rand(64, 6).astype("float32")
+    y = np.arange(64) % 3
+    model = _model()
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    logger = GradNormLogger(log_dir=tmp_path / "run", update_freq=1, histogram_freq=4)
+    monitor = GradientMonitor(logger, check_every=10, verbose=0)
+    steps_seen_by_monitor = []
+    original = monitor._on_rows
+
+    def counting(first, rows, skipped=None):
+        steps_seen_by_monitor.extend(range(first, first + len(rows)))
+        return original(first, rows, skipped)
+
+    monitor._on_rows = counting
+    reader = _Reader(logger)
+    model.fit(x, y, batch_size=2, epochs=1, verbose=0, callbacks=[logger, monitor, reader])
+    # The reads saw every step as it came (step i after batch i).
+    assert reader.seen == [(i + 1, i + 1, i + 1) for i in range(32)]
+    ea = _read(tmp_path / "run" / "train")
+    steps, values = _values(ea, "grad_norm/net/out/kernel")
+    assert steps == list(range(1, 33))
+    np.testing.assert_allclose(np.ravel(values), logger.history["net/out/kernel"], rtol=1e-6)
+    hist_steps, _ = _values(ea, "grad_hist/net/out/kernel")
+    assert hist_steps == [1, 5, 9, 13, 17, 21, 25, 29]
+    assert steps_seen_by_monitor == list(range(32))
+    assert monitor.report().steps == 32
+    path = logger.save(tmp_path / "norms.json")
+    import json
+    with open(path) as f:
+        assert len(json.load(f)["norms"]) == 32

@@ -1,0 +1,257 @@
+"""Every contact keras_gradtools has with Keras' and TensorFlow's insides.
+
+This is the only module that imports `keras.src` or `tensorflow.python`,
+reads or writes a private attribute of a Keras object, or replaces a Keras
+method. Everything else in the package uses public API and calls the
+functions below. A new Keras release that breaks the toolkit should break
+here, and only here.
+
+Contact points (tested on Keras 3.3.3 / TF 2.16.2 and Keras 3.15.1 / TF
+2.21.0; `.ci/run` runs the suite on both pairs):
+
+| contact | why | public alternative |
+|---|---|---|
+| `optimizer.apply`, replaced on the instance while a train function is traced (`patch_apply`) | the tap: the gradients the optimizer applies, after `compile()`'s loss scaling, inside the compiled step of the stock `fit()` | none: Keras' `fit()` hands the gradients straight to `apply_gradients`; an optimizer wrapper (as `LossScaleOptimizer`) would have to replace `model.optimizer`, which is saved with the model |
+| `optimizer._all_reduce_sum_gradients` (TF optimizer), replaced on the instance while traced (`patch_all_reduce`) | under `tf.distribute` with several replicas: the summed gradient, once, as it leaves the all-reduce that Keras already does (the logger records it; `ClippedOptimizer` clips it) | `replica_context.all_reduce` in our own code, at the price of a second all-reduce |
+| `LossScaleOptimizer._stateful_handle_non_finite_grads`, replaced while traced (`patch_non_finite_handler`) | several replicas: the step the loss-scale optimizer skips never reaches the all-reduce; this is where it says so | none |
+| `optimizer._trainable_variables` (`optimizer_variables`) | `apply(grads)` called without variables applies to these | none |
+| `optimizer._clip_gradients` (`keras_clip`) | the gradients Keras' own `clipnorm` / `clipvalue` / `global_clipnorm` leave, to record the applied norms | re-implementing Keras' clipping (it would drift from Keras') |
+| `optimizer._distribution_strategy` (`strategy_of`) | the strategy a TF optimizer was created under (a custom loop may run outside its scope) | `tf.distribute.get_strategy()` inside the scope |
+| `model._call_has_training_arg`, `model._compute_loss` / `compute_loss`, `model._loss_tracker`, `keras.src.losses.loss.unscale_loss_for_distribution` (`forward`, `compute_loss`, `track_loss`) | `GradNormModel.train_step` does what Keras' TF `train_step` does, on every supported version (the `training` argument of `compute_loss` arrived in 3.3, `_compute_loss` and the unscaling later) | a train step that keeps its own loss metric (Keras' custom `train_step` guide); its `loss` would then not be Keras' |
+| `tensorflow.python.ops.resource_variable_ops.ResourceVariable` (`local_variable`) | the ring buffer: a plain variable even inside `strategy.scope()` (written by one replica per worker) | none: `tf.Variable` inside a scope becomes a distributed variable |
+| `model.train_function`, replaced for the duration of `fit()` (`set_train_function`) | the logger rebuilds the train function with the tap in it, and puts the old one back | a public attribute, but Keras does not document replacing it |
+
+Every replacement goes through `Patch`: entered and exited the same way,
+reference counted (replicas trace in parallel threads), nested patches of
+one attribute compose in any order, and the object is exactly as found once
+the last one exits. Nothing here changes a user's object for good.
+"""
+
+import threading
+
+import keras
+
+MINIMUM_KERAS = (3, 3, 0)
+MINIMUM_TENSORFLOW = (2, 16, 0)
+
+
+def _version(text):
+    parts = []
+    for part in text.split(".")[:3]:
+        digits = "".join(c for c in part if c.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts + [0] * (3 - len(parts)))
+
+
+KERAS_VERSION = _version(keras.__version__)
+
+
+def check_versions():
+    """Raises `ImportError` naming the minimum if Keras or TensorFlow is too old.
+
+    Returns:
+        `None`.
+
+    Raises:
+        ImportError: for Keras older than 3.3.0 or TensorFlow older than
+            2.16.0.
+    """
+    if KERAS_VERSION < MINIMUM_KERAS:
+        raise ImportError(
+            "keras_gradtools needs Keras >= 3.3.0 (tested on 3.3.3 and 3.15.1); "
+            f"upgrade with `pip install -U keras`. Received: keras=={keras.__version__}"
+        )
+    import tensorflow as tf
+
+    if _version(tf.__version__) < MINIMUM_TENSORFLOW:
+        raise ImportError(
+            "keras_gradtools needs TensorFlow >= 2.16.0 (tested on 2.16.2 and 2.21.0); "
+            f"upgrade with `pip install -U tensorflow`. Received: tensorflow=={tf.__version__}"
+        )
+
+
+# ----------------------------------------------------------------------
+# Patches: the one way an attribute of a Keras object is replaced
+# ----------------------------------------------------------------------
+
+_MISSING = object()
+_LOCK = threading.RLock()
+# (id(target), name) -> [target, name, own attribute or _MISSING, active patches]
+_ACTIVE = {}
+
+
+class Patch:
+    """Replaces one attribute of one object while entered.
+
+    `make(original)` returns the replacement, given what the attribute
+    resolves to without this patch (the bound method, or the replacement
+    of a patch entered earlier on the same attribute). Entering twice (two
+    replica threads) counts; the attribute is put back when the last of
+    all the patches on it exits, whatever the order of the exits.
+
+    Args:
+        target: the object (an optimizer, a model).
+        name: the attribute's name.
+        make: `original -> replacement`.
+    """
+
+    def __init__(self, target, name, make):
+        self.target, self.name, self.make = target, name, make
+        self.depth = 0
+
+    def __enter__(self):
+        self.enter()
+        return self
+
+    def __exit__(self, *exc):
+        self.exit()
+        return False
+
+    def enter(self):
+        with _LOCK:
+            self.depth += 1
+            if self.depth > 1:
+                return
+            key = (id(self.target), self.name)
+            if key not in _ACTIVE:
+                own = self.target.__dict__.get(self.name, _MISSING)
+                _ACTIVE[key] = [self.target, self.name, own, []]
+            _ACTIVE[key][3].append(self)
+            _rebuild(key)
+
+    def exit(self):
+        with _LOCK:
+            if self.depth == 0:
+                return
+            self.depth -= 1
+            if self.depth:
+                return
+            key = (id(self.target), self.name)
+            entry = _ACTIVE[key]
+            entry[3].remove(self)
+            if entry[3]:
+                _rebuild(key)
+                return
+            del _ACTIVE[key]
+            target, name, own = entry[0], entry[1], entry[2]
+            if own is _MISSING:
+                target.__dict__.pop(name, None)
+            else:
+                setattr(target, name, own)
+
+
+def _rebuild(key):
+    target, name, own, patches = _ACTIVE[key]
+    if own is _MISSING:
+        target.__dict__.pop(name, None)
+    else:
+        setattr(target, name, own)
+    for patch in patches:
+        setattr(target, name, patch.make(getattr(target, name)))
+
+
+def is_patched(target, name):
+    """Whether a `Patch` currently replaces `target.name` (for tests)."""
+    return (id(target), name) in _ACTIVE
+
+
+def patch_apply(optimizer, make):
+    """A `Patch` of `optimizer.apply(grads, trainable_variables=None)`."""
+    return Patch(optimizer, "apply", make)
+
+
+def patch_all_reduce(optimizer, make):
+    """A `Patch` of a TF optimizer's all-reduce: `grads_and_vars -> grads_and_vars`."""
+    return Patch(optimizer, "_all_reduce_sum_gradients", make)
+
+
+def patch_non_finite_handler(optimizer, make):
+    """A `Patch` of the `LossScaleOptimizer` method that handles a skipped step: `() -> None`."""
+    return Patch(optimizer, "_stateful_handle_non_finite_grads", make)
+
+
+def set_train_function(model, function):
+    """Sets `model.train_function` (what `fit()` calls each step)."""
+    model.train_function = function
+
+
+# ----------------------------------------------------------------------
+# Private reads
+# ----------------------------------------------------------------------
+
+
+def optimizer_variables(optimizer):
+    """The variables an optimizer applies `apply(grads)` to when given none."""
+    return list(optimizer._trainable_variables)
+
+
+def keras_clip(optimizer, grads):
+    """The gradients after Keras' own `clipnorm` / `clipvalue` / `global_clipnorm`."""
+    return optimizer._clip_gradients(grads)
+
+
+def strategy_of(optimizer):
+    """The `tf.distribute` strategy a TF optimizer was created under, or `None`."""
+    return getattr(optimizer, "_distribution_strategy", None)
+
+
+def local_variable(initial, name):
+    """A plain TF variable, created outside any trace, never a distributed one.
+
+    Inside `strategy.scope()` a `tf.Variable` becomes a mirrored variable;
+    the recorders' buffers are written by one replica per worker, so they
+    are built as a `ResourceVariable` directly, past the scope's creators.
+    """
+    import tensorflow as tf
+    from tensorflow.python.ops import resource_variable_ops
+
+    with tf.init_scope():
+        return resource_variable_ops.ResourceVariable(initial, trainable=False, name=name)
+
+
+def variable_handles(variable):
+    """The objects that may stand for one variable in a train step.
+
+    A Keras variable on TensorFlow wraps a `tf.Variable` (`variable.value`);
+    inside `apply` either may be handed over.
+    """
+    import tensorflow as tf
+
+    handles = [variable]
+    value = getattr(variable, "value", None)
+    if isinstance(value, tf.Variable):
+        handles.append(value)
+    return handles
+
+
+# ----------------------------------------------------------------------
+# What Keras' TF train step does, on every supported version
+# ----------------------------------------------------------------------
+
+
+def forward(model, x):
+    """`model(x, training=True)`, or `model(x)` when `call` takes no `training`."""
+    if getattr(model, "_call_has_training_arg", True):
+        return model(x, training=True)
+    return model(x)
+
+
+def compute_loss(model, x, y, y_pred, sample_weight):
+    """The model's training loss, as Keras' own `train_step` computes it."""
+    if hasattr(model, "_compute_loss"):  # Keras >= 3.5: `compute_loss` may lack `training`
+        return model._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
+                                   training=True)
+    return model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight)
+
+
+def track_loss(model, loss, x):
+    """Updates the model's `loss` metric with one step's loss, as Keras does."""
+    import tensorflow as tf
+
+    try:
+        from keras.src.losses.loss import unscale_loss_for_distribution
+    except ImportError:  # older Keras: the loss is not scaled for distribution
+        def unscale_loss_for_distribution(value):
+            return value
+    batch = tf.shape(next(i for i in tf.nest.flatten(x) if i is not None))[0]
+    model._loss_tracker.update_state(unscale_loss_for_distribution(loss), sample_weight=batch)

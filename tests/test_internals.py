@@ -1,0 +1,100 @@
+"""One module touches Keras' insides; every patch comes out as it went in."""
+
+import pathlib
+import re
+
+import keras
+import numpy as np
+import pytest
+
+import keras_gradtools
+from keras_gradtools import GradNormLogger, internals
+from keras_gradtools.clipping import ClippedOptimizer, clipped_optimizer
+
+PACKAGE = pathlib.Path(keras_gradtools.__file__).parent
+
+
+def test_only_the_internals_module_imports_keras_or_tensorflow_insides():
+    importers = sorted(
+        path.name for path in PACKAGE.rglob("*.py")
+        if re.search(r"keras\.src|tensorflow\.python", path.read_text())
+    )
+    assert importers == ["internals.py"]
+
+
+def test_private_attributes_of_keras_objects_are_touched_only_in_internals():
+    # `._x` on anything but our own `self`/`cls` (and a few of our own objects).
+    pattern = re.compile(r"(?<!self)(?<!cls)\.(_[a-z][a-z_]*)\b")
+    ours = {"_internals", "_on_rows", "_add_reader", "_remove_reader"}
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name == "internals.py":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            for name in pattern.findall(line.split("#")[0]):
+                if name not in ours:
+                    offenders.append(f"{path.name}:{number}: {name}")
+    assert offenders == []
+
+
+def test_patches_nest_in_any_order_and_leave_the_object_as_found():
+    class Thing:
+        def value(self):
+            return 1
+
+    thing = Thing()
+    add_ten = internals.Patch(thing, "value", lambda original: lambda: original() + 10)
+    double = internals.Patch(thing, "value", lambda original: lambda: original() * 2)
+    add_ten.enter()
+    double.enter()
+    assert thing.value() == 22
+    add_ten.exit()  # the earlier patch leaves first: the later one stays in place
+    assert thing.value() == 2
+    double.enter()  # counted: a second replica thread
+    double.exit()
+    assert thing.value() == 2
+    double.exit()
+    assert thing.value() == 1 and "value" not in vars(thing)
+    assert not internals.is_patched(thing, "value")
+
+
+def test_fit_with_the_logger_leaves_the_optimizer_unpatched():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="out")], name="n")
+    model.compile(optimizer=clipped_optimizer("adam", clip="zclip"), loss="mse")
+    inner = model.optimizer.inner_optimizer
+    assert "_all_reduce_sum_gradients" not in vars(inner)  # ClippedOptimizer changes nothing
+    logger = GradNormLogger()
+    model.fit(np.ones((8, 3)), np.zeros((8, 2)), batch_size=4, verbose=0, callbacks=[logger])
+    assert logger.norms.shape == (2, 1)
+    for optimizer in (model.optimizer, inner):
+        assert "apply" not in vars(optimizer)
+        assert "_all_reduce_sum_gradients" not in vars(optimizer)
+    assert not model.optimizer._applied_hooks and not model.optimizer._reduced_hooks
+
+
+def test_clipped_optimizer_never_rebinds_its_inner_optimizer():
+    inner = keras.optimizers.SGD(0.1)
+    ClippedOptimizer(inner, clip="global_norm", threshold=1.0)
+    assert vars(inner).get("_all_reduce_sum_gradients") is None
+
+
+def test_too_old_keras_is_refused_at_import_naming_the_minimum(monkeypatch):
+    monkeypatch.setattr(internals, "KERAS_VERSION", (3, 2, 1))
+    monkeypatch.setattr(keras, "__version__", "3.2.1")
+    with pytest.raises(ImportError, match=r"Keras >= 3\.3\.0.*Received: keras==3\.2\.1"):
+        internals.check_versions()
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_other_backends_are_refused_before_training_starts(monkeypatch, backend):
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="out")], name="n")
+    model.compile(optimizer="sgd", loss="mse")
+    weights = [w.copy() for w in model.get_weights()]
+    monkeypatch.setattr(keras.backend, "backend", lambda: backend)
+    with pytest.raises(ValueError, match=rf"TensorFlow backend only.*backend\(\)='{backend}'"):
+        model.fit(np.ones((8, 3)), np.zeros((8, 2)), batch_size=4, verbose=0,
+                  callbacks=[GradNormLogger()])
+    monkeypatch.undo()
+    assert model.optimizer.iterations.numpy() == 0  # not one step was taken
+    for before, after in zip(weights, model.get_weights()):
+        np.testing.assert_array_equal(before, after)
