@@ -474,6 +474,7 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
         variables = (list(trainable_variables) if trainable_variables is not None
                      else internals.optimizer_variables(self.inner_optimizer))
         if _replicas() > 1:
+            internals.check_replicas_supported(_replicas())
             # Each replica holds its share of the gradient here: the sum is
             # clipped as it leaves the inner optimizer's all-reduce
             # (`_reduce_and_clip`).
@@ -484,10 +485,8 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
             with self._clip_sum:
                 self.inner_optimizer.apply(grads, trainable_variables)
             return
-        grads = self.clip_gradients(grads, variables)
-        for hook in list(self._applied_hooks):
-            hook(grads, variables)
-        self.inner_optimizer.apply(grads, trainable_variables)
+        self.inner_optimizer.apply(self._clip_and_announce(grads, variables),
+                                   trainable_variables)
 
     def _reduce_and_clip(self, all_reduce, grads_and_vars):
         """The inner optimizer's all-reduce, then (several replicas) the clipping of the sum."""
@@ -499,12 +498,16 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
         present = [i for i, (g, _) in enumerate(grads_and_vars) if g is not None]
         owned = [self._owners.get(id(grads_and_vars[i][1]), grads_and_vars[i][1])
                  for i in present]
-        clipped = self.clip_gradients([grads_and_vars[i][0] for i in present], owned)
-        for hook in list(self._applied_hooks):
-            hook(clipped, owned)
+        clipped = self._clip_and_announce([grads_and_vars[i][0] for i in present], owned)
         for i, g in zip(present, clipped):
             grads_and_vars[i] = (g, grads_and_vars[i][1])
         return grads_and_vars
+
+    def _clip_and_announce(self, grads, variables):
+        clipped = self.clip_gradients(grads, variables)
+        for hook in list(self._applied_hooks):
+            hook(clipped, variables)
+        return clipped
 
     @property
     def learning_rate(self):
@@ -645,6 +648,7 @@ def clipped_optimizer(optimizer="adam", learning_rate=1e-3, clip="norm", thresho
                     ("eps", "history_size", "alpha", "warmup", "agc_skip_last_layer")
                     if k in kwargs}
     replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    internals.check_replicas_supported(replicas)
     if clip in _KERAS_ARGUMENT and replicas > 1:
         threshold = _DEFAULT_THRESHOLD[clip] if threshold is None else float(threshold)
         _check_threshold(clip, threshold)

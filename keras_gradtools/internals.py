@@ -33,6 +33,9 @@ import keras
 
 MINIMUM_KERAS = (3, 3, 0)
 MINIMUM_TENSORFLOW = (2, 16, 0)
+# Several replicas: Keras scales each replica's loss for the sum only from
+# 3.8 on (keras-team/keras#20609), and all-reduces in replica context.
+MINIMUM_KERAS_REPLICAS = (3, 8, 0)
 
 
 def _version(text):
@@ -67,6 +70,25 @@ def check_versions():
         raise ImportError(
             "keras_gradtools needs TensorFlow >= 2.16.0 (tested on 2.16.2 and 2.21.0); "
             f"upgrade with `pip install -U tensorflow`. Received: tensorflow=={tf.__version__}"
+        )
+
+
+def check_replicas_supported(replicas):
+    """Raises `ValueError` for several replicas on a Keras older than 3.8.
+
+    Args:
+        replicas: the number of replicas in sync.
+
+    Returns:
+        `None`.
+    """
+    if replicas > 1 and KERAS_VERSION < MINIMUM_KERAS_REPLICAS:
+        raise ValueError(
+            "keras_gradtools records and clips under tf.distribute with several replicas "
+            "from Keras 3.8.0 on: older Keras all-reduces the gradients outside the "
+            "replicas and does not scale each replica's loss for the sum "
+            "(keras-team/keras#20609). Upgrade Keras, or train on one replica. "
+            f"Received: keras=={keras.__version__} with {replicas} replicas"
         )
 
 
@@ -236,11 +258,12 @@ def forward(model, x):
     return model(x)
 
 
-def compute_loss(model, x, y, y_pred, sample_weight):
-    """The model's training loss, as Keras' own `train_step` computes it."""
-    if hasattr(model, "_compute_loss"):  # Keras >= 3.5: `compute_loss` may lack `training`
+def compute_loss(model, x, y, y_pred, sample_weight, training=True):
+    """The model's loss, as Keras' own `train_step` (or `test_step`) computes it."""
+    if hasattr(model, "_compute_loss"):  # newer Keras: `compute_loss` may lack `training`
         return model._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
-                                   training=True)
+                                   training=training)
+    # Older Keras (3.3 among them): `compute_loss` takes no `training`.
     return model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight)
 
 

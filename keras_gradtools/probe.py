@@ -3,6 +3,7 @@
 import numpy as np
 import tensorflow as tf
 
+from keras_gradtools import internals
 from keras_gradtools import norms as norms_lib
 
 
@@ -85,7 +86,7 @@ def compute_weight_gradient_norms(
     def batch_gradients(xb, yb):
         with tf.GradientTape() as tape:
             y_pred = model(xb, training=training)
-            loss = model.compute_loss(x=xb, y=yb, y_pred=y_pred, training=training)
+            loss = internals.compute_loss(model, xb, yb, y_pred, None, training=training)
         grads = tape.gradient(loss, variables)
         return [
             tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)

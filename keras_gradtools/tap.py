@@ -83,6 +83,7 @@ class GradientTap:
         strategy = (strategy or internals.strategy_of(self.layout.base)
                     or tf.distribute.get_strategy())
         self.replicas = int(getattr(strategy, "num_replicas_in_sync", 1))
+        internals.check_replicas_supported(self.replicas)
         # Replicas of this worker: one recording per process, fed by this
         # worker's first replica (every replica sees the same reduced values).
         self.local_replicas = (

@@ -98,3 +98,14 @@ def test_other_backends_are_refused_before_training_starts(monkeypatch, backend)
     assert model.optimizer.iterations.numpy() == 0  # not one step was taken
     for before, after in zip(weights, model.get_weights()):
         np.testing.assert_array_equal(before, after)
+
+
+def test_several_replicas_on_keras_before_3_8_are_refused(monkeypatch):
+    import types
+
+    monkeypatch.setattr(internals, "KERAS_VERSION", (3, 7, 0))
+    monkeypatch.setattr(keras, "__version__", "3.7.0")
+    internals.check_replicas_supported(1)  # one replica: fine on any supported Keras
+    two = types.SimpleNamespace(num_replicas_in_sync=2)
+    with pytest.raises(ValueError, match=r"from Keras 3\.8\.0 on.*keras==3\.7\.0 with 2 replicas"):
+        keras_gradtools.recording(keras.optimizers.SGD(0.1), [], strategy=two)
