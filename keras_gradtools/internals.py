@@ -7,7 +7,8 @@ functions below. A new Keras release that breaks the toolkit should break
 here, and only here.
 
 Contact points (tested on Keras 3.3.3 / TF 2.16.2 and Keras 3.15.1 / TF
-2.21.0; `.ci/run` runs the suite on both pairs):
+2.21.0, where `.ci/run` runs the whole suite; several replicas also on Keras
+3.8.0 / TF 2.18.1, and refused before 3.8: see `check_replicas_supported`):
 
 | contact | why | public alternative |
 |---|---|---|
