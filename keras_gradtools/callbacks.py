@@ -1,8 +1,10 @@
 """Keras callbacks: `GradNormLogger` records every layer's gradient norm."""
 
 import csv
+import io
 import json
 import os
+import time
 import warnings
 
 import numpy as np
@@ -12,6 +14,7 @@ import tensorflow as tf
 from keras_gradtools import clipping
 from keras_gradtools import diagnose
 from keras_gradtools import norms as norms_lib
+from keras_gradtools import runs
 from keras_gradtools import tap
 from keras_gradtools.recorder import GradNormRecorder
 
@@ -97,6 +100,18 @@ class GradNormLogger(keras.callbacks.Callback):
         histogram_freq: write gradient histograms every this many steps; 0
             for none. Defaults to `0`.
         histogram_buckets: buckets per histogram. Defaults to `30`.
+        run_dir: a directory to write the whole run into, as it goes (see
+            `keras_gradtools.runs`): the per-step norms and skipped steps,
+            the History, the `GradientMonitor`'s findings, the model
+            summary and the optimizer's config. `gradtools diagnose`,
+            `plot`, `report` and `compare` read it. It must not exist or be
+            empty: a run is never written over (`FileExistsError` when
+            training starts). The norms are rewritten at every epoch end
+            and at most every `run_write_interval` seconds between, so an
+            interrupted run leaves a readable directory. `None` for none.
+            Defaults to `None`.
+        run_write_interval: seconds between two writes of the norms into
+            `run_dir` within an epoch. Defaults to `30`.
 
     Example:
 
@@ -117,7 +132,8 @@ class GradNormLogger(keras.callbacks.Callback):
     """
 
     def __init__(self, include_biases=False, flush_every=256, log_dir=None,
-                 update_freq=50, histogram_freq=0, histogram_buckets=30):
+                 update_freq=50, histogram_freq=0, histogram_buckets=30, run_dir=None,
+                 run_write_interval=30):
         super().__init__()
         for name, value, low in (("flush_every", flush_every, 1), ("update_freq", update_freq, 1),
                                  ("histogram_freq", histogram_freq, 0),
@@ -129,6 +145,15 @@ class GradNormLogger(keras.callbacks.Callback):
         self.include_biases = include_biases
         self.flush_every = flush_every
         self.log_dir = None if log_dir is None else os.fspath(log_dir)
+        self.run_dir = None if run_dir is None else os.fspath(run_dir)
+        if not isinstance(run_write_interval, (int, float)) or run_write_interval < 0:
+            raise ValueError(
+                "`run_write_interval` must be a number of seconds >= 0. "
+                f"Received: run_write_interval={run_write_interval!r}"
+            )
+        self.run_write_interval = run_write_interval
+        self._run_written = None
+        self._epoch_history = {}
         self.update_freq = update_freq
         self.histogram_freq = histogram_freq
         self.histogram_buckets = histogram_buckets
@@ -247,18 +272,72 @@ class GradNormLogger(keras.callbacks.Callback):
                         + [repr(float(v)) for v in row]
                     )
             else:
-                data = {
-                    "keys": self.keys,
-                    "epoch_end_steps": list(self.epoch_end_steps),
-                    "skipped_steps": [int(i) for i in self.skipped_steps],
-                    "norms": [[_json_float(v) for v in row] for row in norms],
-                }
-                if self.applied_recorder is not None:
-                    data["applied_norms"] = [
-                        [_json_float(v) for v in row] for row in self.applied_recorder.norms
-                    ]
-                json.dump(data, f)
+                json.dump(self._recording_data(), f)
         return path
+
+    def _recording_data(self):
+        """The recording as `grad_norms.json` holds it (see `save`)."""
+        data = {
+            "keys": self.keys,
+            "epoch_end_steps": list(self.epoch_end_steps),
+            "skipped_steps": [int(i) for i in self.skipped_steps],
+            "norms": [[runs.json_float(v) for v in row] for row in self.norms],
+        }
+        if self.applied_recorder is not None:
+            data["applied_norms"] = [
+                [runs.json_float(v) for v in row] for row in self.applied_recorder.norms
+            ]
+        return data
+
+    # ------------------------------------------------------------------
+    # The run directory
+    # ------------------------------------------------------------------
+
+    def _start_run(self):
+        """Claims `run_dir` and writes what is known before training."""
+        from keras_gradtools import __version__
+
+        runs.new_run_dir(self.run_dir)
+        model, optimizer = self.model, self.model.optimizer
+        summary = io.StringIO()
+        try:
+            model.summary(print_fn=lambda line, *args, **kwargs: summary.write(line + "\n"))
+        except ValueError:  # a subclassed model that is not built yet
+            summary.write(f"{model.name}: not built before fit(); no summary.\n")
+        runs.write_text(os.path.join(self.run_dir, "model_summary.txt"), summary.getvalue())
+        runs.write_json(os.path.join(self.run_dir, "config.json"), {
+            "format": runs.FORMAT,
+            "keras_gradtools_version": __version__,
+            "keras_version": keras.__version__,
+            "backend": keras.backend.backend(),
+            "model": model.name,
+            "optimizer_config": (keras.optimizers.serialize(optimizer)
+                                 if optimizer is not None else None),
+            "clipping": clipping.describe_clipping(optimizer),
+            "fit": {k: v for k, v in (self.params or {}).items()
+                    if isinstance(v, (int, float, str, type(None)))},
+            "logger": {"include_biases": self.include_biases, "flush_every": self.flush_every,
+                       "log_dir": self.log_dir, "update_freq": self.update_freq,
+                       "histogram_freq": self.histogram_freq},
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        })
+        self._run_written = time.monotonic()
+
+    def _write_run(self, force):
+        """Rewrites the norms and the History in `run_dir` (now, or when the interval is up)."""
+        if self._run_written is None:
+            return
+        if not force and time.monotonic() - self._run_written < self.run_write_interval:
+            return
+        runs.write_json(os.path.join(self.run_dir, "grad_norms.json"), self._recording_data())
+        runs.write_json(os.path.join(self.run_dir, "history.json"), self._epoch_history)
+        self._run_written = time.monotonic()
+
+    def write_findings(self, report):
+        """Writes a `GradientMonitor`'s report into `run_dir` (no-op without one)."""
+        if self._run_written is not None:
+            runs.write_text(os.path.join(self.run_dir, "diagnosis.json"),
+                            report.to_json(indent=1))
 
     # ------------------------------------------------------------------
     # Readers (GradientMonitor, TensorBoard writers) subscribe here
@@ -299,6 +378,7 @@ class GradNormLogger(keras.callbacks.Callback):
             skipped = self.recorder.skipped[first:]
             for reader in list(self._readers):
                 reader(first, rows, skipped)
+            self._write_run(force=False)
         return rows
 
     def tensorboard_step(self, step):
@@ -341,12 +421,18 @@ class GradNormLogger(keras.callbacks.Callback):
         self._calls_since_flush = 0
         self._published = 0
         self._histograms_published = 0
+        self._epoch_history = {}
+        self._run_written = None
         self._steps_per_call = max(
             1, int(getattr(self.model, "steps_per_execution", 1) or 1)
         )
         if self.log_dir is not None and self.is_chief:
             from keras_gradtools.summaries import GradientSummaryWriter
 
+            GradientSummaryWriter.check_new(self.log_dir)
+        if self.run_dir is not None and self.is_chief:
+            self._start_run()
+        if self.log_dir is not None and self.is_chief:
             self.writer = GradientSummaryWriter(self.log_dir)
         optimizer = self.model.optimizer
         self._first_iteration = int(optimizer.iterations.numpy()) if optimizer is not None else 0
@@ -396,10 +482,24 @@ class GradNormLogger(keras.callbacks.Callback):
         if logs is not None:
             globals_ = norms_lib.global_norm(epoch_rows)
             logs["grad_norm_max/global"] = float(_nan_aware_max(globals_))
+        if self._run_written is not None:
+            for name, value in (logs or {}).items():
+                try:
+                    value = runs.json_float(value)
+                except (TypeError, ValueError):
+                    continue
+                self._epoch_history.setdefault(name, []).append(value)
+            with np.errstate(all="ignore"):
+                means = epoch_rows.mean(axis=0)
+            for key, mean in zip(self.keys, means):
+                self._epoch_history.setdefault(f"grad_norm/{key}", []).append(
+                    runs.json_float(mean))
+            self._write_run(force=True)
 
     def on_train_end(self, logs=None):
         try:
             self.flush()
+            self._write_run(force=True)
         finally:
             if self._restore is not None:
                 self._restore()
@@ -445,13 +545,6 @@ def _nan_aware_max(values):
     if np.isnan(values).any():
         return np.nan
     return values.max()
-
-
-def _json_float(value):
-    value = float(value)
-    if np.isfinite(value):
-        return value
-    return "nan" if np.isnan(value) else ("inf" if value > 0 else "-inf")
 
 
 class GradientProblemError(RuntimeError):
@@ -582,6 +675,7 @@ class GradientMonitor(keras.callbacks.Callback):
 
     def _act(self, finding):
         self.logger.write_text("gradtools/findings", str(finding), finding.detected_step)
+        self.logger.write_findings(self.report())
         action = self.actions.get(finding.kind, "warn")
         if action == "ignore":
             return
@@ -640,5 +734,6 @@ class GradientMonitor(keras.callbacks.Callback):
                 self.logger.on_train_end(logs)
             else:
                 self.logger.flush()
+            self.logger.write_findings(self.report())
         finally:
             self.logger._remove_reader(self._on_rows)

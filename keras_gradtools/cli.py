@@ -124,59 +124,21 @@ def reproduce(**kwargs):
     run_reproduce(**kwargs)
 
 
-def _read_json(path, what):
-    import json
-
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise click.UsageError(f"{what} is missing: no file at {path}") from None
-    except (OSError, ValueError) as e:
-        raise click.UsageError(f"{what} at {path} cannot be read ({e})") from None
-
-
 def load_run(run_dir):
-    """Reads a run directory's recorded norms; a clear error if it is not one.
+    """Reads a run directory (`keras_gradtools.runs.load_run`); a usage error if it is not one."""
+    from keras_gradtools.runs import RunError
+    from keras_gradtools.runs import load_run as read
 
-    Returns `(norms, keys, epoch_end_steps, config)`; `config` (config.json, or
-    `{}`) gains `skipped_steps`, the steps a loss-scale optimizer skipped.
-    """
-    import numpy as np
-
-    if not os.path.isdir(run_dir):
-        raise click.UsageError(f"{run_dir} is not a directory")
-    norms_path = os.path.join(run_dir, "grad_norms.json")
-    if not os.path.exists(norms_path) and not os.path.exists(
-        os.path.join(run_dir, "config.json")
-    ):
-        raise click.UsageError(
-            f"{run_dir} is not a keras_gradtools run directory (it has neither "
-            "grad_norms.json nor config.json); pass a directory written by "
-            "`gradtools reproduce` or run_experiment()"
-        )
-    data = _read_json(norms_path, "the recorded norms (grad_norms.json)")
     try:
-        keys = list(data["keys"])
-        norms = np.array([[float(v) for v in row] for row in data["norms"]],
-                         dtype=float).reshape(-1, len(keys))
-        epoch_end_steps = [int(s) for s in data.get("epoch_end_steps", [])]
-        skipped_steps = [int(s) for s in data.get("skipped_steps", [])]
-        if any(not 0 <= s < len(norms) for s in skipped_steps):
-            raise ValueError("a skipped step outside the recording")
-    except (KeyError, TypeError, ValueError) as e:
-        raise click.UsageError(
-            f"{norms_path} is not a gradient-norm recording ({e!r})"
-        ) from None
-    config = {}
-    if os.path.exists(os.path.join(run_dir, "config.json")):
-        config = _read_json(os.path.join(run_dir, "config.json"), "config.json")
-    config["skipped_steps"] = skipped_steps
-    return norms, keys, epoch_end_steps, config
+        return read(run_dir)
+    except RunError as e:
+        raise click.UsageError(str(e)) from None
 
 
 def _clipping_of(config):
     """The clipping of a saved run's optimizer, described as `describe_clipping` does."""
+    if "clipping" in config:
+        return config["clipping"]
     import keras
 
     from keras_gradtools.clipping import describe_clipping
@@ -197,9 +159,9 @@ def diagnose(run_dir, as_json):
     """Judge a saved run's recorded gradient norms and print the report."""
     from keras_gradtools.diagnose import diagnose_norms
 
-    norms, keys, epoch_end_steps, config = load_run(run_dir)
-    report = diagnose_norms(norms, keys, epoch_end_steps, clipping=_clipping_of(config),
-                            skipped_steps=config.get("skipped_steps"))
+    run = load_run(run_dir)
+    report = diagnose_norms(run.norms, run.keys, run.epoch_end_steps,
+                            clipping=_clipping_of(run.config), skipped_steps=run.skipped_steps)
     click.echo(report.to_json(indent=1) if as_json else str(report))
 
 
@@ -221,20 +183,68 @@ def plot(run_dir, out_dir):
 
 
 @main.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--out", "out", default=None, type=click.Path(dir_okay=False),
+              help="The HTML file to write (default: RUN_DIR/report.html; never overwritten).")
+def report(run_dir, out):
+    """Write one self-contained HTML report of a run (config, curves, findings, layers)."""
+    from keras_gradtools.report import write_report
+
+    load_run(run_dir)  # a clear error for anything that is not a run
+    try:
+        path = write_report(run_dir, out)
+    except FileExistsError as e:
+        raise click.UsageError(str(e)) from None
+    click.echo(path)
+
+
+@main.command()
+@click.argument("run_dirs", nargs=-1, type=click.Path())
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
+              help="Also write comparison.md and comparison.png into this directory.")
+def compare(run_dirs, out_dir):
+    """Compare runs side by side: final loss and accuracy, loss jumps, norms, findings."""
+    from keras_gradtools.report import compare_runs
+
+    if len(run_dirs) < 2:
+        raise click.UsageError("compare needs at least two run directories. "
+                               f"Received: {len(run_dirs)}")
+    for run_dir in run_dirs:
+        load_run(run_dir)  # every run readable before anything is written
+    try:
+        table, paths = compare_runs(run_dirs, out_dir)
+    except FileExistsError as e:
+        raise click.UsageError(str(e)) from None
+    click.echo(table)
+    for path in paths:
+        click.echo(path)
+
+
+@main.command()
 @click.argument("model_path", type=click.Path())
 @click.option("--data", "data_source", default="mnist", show_default=True,
-              help="mnist (the bundled copy), or a path to a keras-style .npz.")
+              help="mnist (the bundled copy, for MNIST-shaped models), or a .npz holding "
+              "x and y (x_<input name> for a model with several inputs).")
+@click.option("--loss", default=None,
+              help="A Keras loss name, for a model saved without one.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def check(model_path, data_source, batch_size, as_json):
+def check(model_path, data_source, loss, batch_size, as_json):
     """Pre-flight check of a saved model: gradient norms at initialization, one batch."""
     import keras
 
-    from keras_gradtools.data import load_mnist
     from keras_gradtools.probe import preflight_check
 
     if not os.path.isfile(model_path):
         raise click.BadParameter(f"no file at {model_path}", param_hint="MODEL_PATH")
+    if data_source != "mnist" and not os.path.isfile(data_source):
+        raise click.BadParameter(f"no file at {data_source}; pass mnist or an .npz",
+                                 param_hint="--data")
+    if loss is not None:
+        try:
+            keras.losses.get(loss)
+        except (ValueError, TypeError):
+            raise click.BadParameter(f"{loss!r} is not a Keras loss", param_hint="--loss") from None
     try:
         model = keras.models.load_model(model_path)
     except Exception as e:  # keras raises many kinds for a bad file
@@ -242,33 +252,101 @@ def check(model_path, data_source, batch_size, as_json):
             f"{model_path} cannot be loaded as a Keras model ({type(e).__name__}: {e})",
             param_hint="MODEL_PATH",
         ) from None
-    if not getattr(model, "compiled", False) or getattr(model, "loss", None) is None:
+    x, y = _check_data(model, data_source, batch_size)
+    if loss is not None:
+        model.compile(optimizer="adam", loss=loss)
+    elif not getattr(model, "compiled", False) or getattr(model, "loss", None) is None:
+        if data_source != "mnist":
+            raise click.UsageError(
+                f"{model_path} was saved without a loss: pass one with --loss "
+                "(e.g. --loss sparse_categorical_crossentropy)")
         model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
         click.echo("The model was saved without a loss: using "
                    "sparse_categorical_crossentropy.", err=True)
-    source = "bundled" if data_source == "mnist" else data_source
-    shape = tuple(model.input_shape[1:])
-    if shape not in ((784,), (28, 28, 1)):
-        raise click.UsageError(
-            f"the model takes inputs of shape {shape}; MNIST gives (784,) or (28, 28, 1)"
-        )
-    try:
-        (x, y), _ = load_mnist(source, flatten=shape == (784,),
-                               subset=batch_size)
-    except (FileNotFoundError, ValueError) as e:
-        raise click.BadParameter(str(e), param_hint="--data") from None
     norms, report = preflight_check(model, x, y, batch_size=batch_size)
     if as_json:
         import json
 
         click.echo(json.dumps({"norms": norms, "report": report.to_dict()}, indent=1))
         return
-    click.echo(f"Gradient norms at initialization ({model.name}, one batch of {len(x)}):")
+    samples = len(next(iter(x.values())) if isinstance(x, dict) else x)
+    click.echo(f"Gradient norms at initialization ({model.name}, one batch of {samples}):")
     width = max(len(k) for k in norms)
     for key, value in norms.items():
         click.echo(f"  {key:<{width}}  {value:.3e}")
     click.echo("")
     click.echo(str(report))
+
+
+def _input_specs(model):
+    """`[(name, shape without the batch axis)]` of a model's inputs."""
+    return [(getattr(t, "name", f"input_{i}"), tuple(t.shape[1:]))
+            for i, t in enumerate(model.inputs)]
+
+
+def _fits(shape, data_shape):
+    return len(shape) == len(data_shape) and all(
+        s is None or s == d for s, d in zip(shape, data_shape))
+
+
+def _check_data(model, data_source, batch_size):
+    """The batch for `gradtools check`: `(x, y)`, shapes checked against the model's inputs."""
+    import numpy as np
+
+    from keras_gradtools.data import load_mnist
+
+    try:
+        specs = _input_specs(model)
+    except (AttributeError, ValueError):
+        raise click.UsageError(
+            "the model's inputs are not known (a subclassed model saved before it was "
+            "built?); save a built model") from None
+    if data_source == "mnist":
+        shapes = [shape for _, shape in specs]
+        if len(shapes) != 1 or shapes[0] not in ((784,), (28, 28, 1), (28, 28)):
+            raise click.UsageError(
+                f"the model takes inputs of shape {', '.join(map(str, shapes))}; MNIST gives "
+                "(784,) or (28, 28, 1): pass your own data with --data DATA.npz")
+        try:
+            (x, y), _ = load_mnist("bundled", flatten=shapes[0] == (784,), subset=batch_size)
+        except (FileNotFoundError, ValueError) as e:
+            raise click.BadParameter(str(e), param_hint="--data") from None
+        if shapes[0] == (28, 28):
+            x = x.reshape(-1, 28, 28)
+        return x, y
+    try:
+        with np.load(data_source, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except Exception as e:  # a corrupt or non-npz file
+        raise click.BadParameter(f"{data_source} cannot be read as an .npz ({e})",
+                                 param_hint="--data") from None
+    if "y" not in arrays:
+        raise click.BadParameter(
+            f"{data_source} has no 'y' array (it holds {', '.join(sorted(arrays)) or 'nothing'})",
+            param_hint="--data")
+    if len(specs) == 1 and "x" in arrays:
+        named = {specs[0][0]: arrays["x"]}
+    else:
+        missing = [f"x_{name}" for name, _ in specs if f"x_{name}" not in arrays]
+        if missing:
+            raise click.BadParameter(
+                f"the model has {len(specs)} input(s) ({', '.join(n for n, _ in specs)}); "
+                f"{data_source} needs {', '.join(missing)} "
+                f"(it holds {', '.join(sorted(arrays))})", param_hint="--data")
+        named = {name: arrays[f"x_{name}"] for name, _ in specs}
+    for name, shape in specs:
+        data_shape = tuple(named[name].shape[1:])
+        if not _fits(shape, data_shape):
+            raise click.UsageError(
+                f"the data for input {name!r} has samples of shape {data_shape}, the model "
+                f"takes {shape}")
+    y = arrays["y"]
+    counts = {len(a) for a in named.values()} | {len(y)}
+    if len(counts) != 1:
+        raise click.UsageError(
+            f"x and y hold different numbers of samples ({sorted(counts)}) in {data_source}")
+    x = named[specs[0][0]] if len(specs) == 1 else named
+    return x, y
 
 
 if __name__ == "__main__":

@@ -297,6 +297,46 @@ def _skip_storm(skipped, state, max_skipped, max_initial_skipped):
     return None
 
 
+def starved_steps(rows, keys, ratio=1e-3, floor=1e-7, skip=("gamma", "beta", "bias")):
+    """Which variables are starved at which steps, as `vanishing_rule` judges it.
+
+    A variable is starved at a step when its norm is below `ratio` times the
+    reference's (the last judged variable: the output layer) or below
+    `floor`, and is finite and not exactly 0. Variables named as in `skip`
+    are never starved.
+
+    Args:
+        rows: `(steps, len(keys))` norms.
+        keys: the variables' keys, input to output.
+        ratio: relative threshold. Defaults to `1e-3`.
+        floor: absolute threshold. Defaults to `1e-7`.
+        skip: variable names (last path part) that are not judged.
+            Defaults to `("gamma", "beta", "bias")`.
+
+    Returns:
+        A `(steps, len(keys))` bool array.
+
+    Example:
+
+    >>> starved_steps([[1e-5, 1.0], [1e-2, 1.0]], ["in/kernel", "out/kernel"]).tolist()
+    [[True, False], [False, False]]
+    """
+    rows = np.asarray(rows, dtype=float).reshape(-1, len(keys))
+    judged = np.array([k.split("/")[-1] not in skip for k in keys], bool)
+    starved = np.zeros(rows.shape, bool)
+    if not judged.any():
+        return starved
+    ref = int(np.flatnonzero(judged)[-1])
+    with np.errstate(all="ignore"):
+        starved = rows / rows[:, ref:ref + 1] < ratio
+    starved[:, ref] = False
+    starved |= rows < floor
+    starved &= rows > 0
+    starved &= np.isfinite(rows)
+    starved &= judged
+    return starved
+
+
 def vanishing_rule(rows, keys, first_step=0, state=None, ratio=1e-3, floor=1e-7,
                    patience=50, skip=("gamma", "beta", "bias")):
     """Finds layers whose gradient is a tiny fraction of the output layer's.
@@ -352,15 +392,7 @@ def vanishing_rule(rows, keys, first_step=0, state=None, ratio=1e-3, floor=1e-7,
     if not judged.any():
         return findings, state
     ref = int(np.flatnonzero(judged)[-1])
-    reference = rows[:, ref:ref + 1]
-    with np.errstate(all="ignore"):
-        rel = rows / reference
-    starved = rel < ratio
-    starved[:, ref] = False
-    starved |= rows < floor
-    starved &= rows > 0
-    starved &= np.isfinite(rows)
-    starved &= judged
+    starved = starved_steps(rows, keys, ratio, floor, skip)
     for i in range(len(rows)):
         run = np.where(starved[i], state["run"] + 1, 0)
         state["run"] = run

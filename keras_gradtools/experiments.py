@@ -30,7 +30,9 @@ from keras_gradtools import data as data_lib
 from keras_gradtools import models as models_lib
 from keras_gradtools import plots
 from keras_gradtools.callbacks import GradNormLogger
+from keras_gradtools import runs
 from keras_gradtools.clipping import clipped_optimizer
+from keras_gradtools.clipping import describe_clipping
 from keras_gradtools.clipping import parse_clip
 from keras_gradtools.callbacks import GradientMonitor
 
@@ -324,9 +326,11 @@ def run_experiment(
     model = build_case(case, optimizer)
     config = dataclasses.asdict(case)
     config.update(
+        format=runs.FORMAT, model=model.name,
         subset=subset, samples=int(len(x)),
         optimizer_config=keras.optimizers.serialize(model.optimizer),
-        keras_version=keras.__version__,
+        clipping=describe_clipping(model.optimizer),
+        keras_version=keras.__version__, backend=keras.backend.backend(),
     )
     run_dir = None
     if out_dir is not None:

@@ -309,11 +309,76 @@ def norm_heatmap(norms, keys, title="log10 gradient norm, layers x steps", max_c
     return _save(fig, path)
 
 
+def compare_runs(runs, title="Runs compared", path=None):
+    """Overlays several runs: loss per epoch (left) and global norm per step (right).
+
+    Args:
+        runs: `keras_gradtools.runs.Run`s (see `runs.load_run`).
+        title: the figure title. Defaults to `"Runs compared"`.
+        path: where to save, or `None`. Defaults to `None`.
+
+    Returns:
+        The `matplotlib.figure.Figure`; each axis has one line per run,
+        labelled with the run's name.
+    """
+    fig = Figure(figsize=(13, 4.5))
+    loss_ax, norm_ax = fig.subplots(1, 2)
+    colours = [cm.tab10(i % 10) for i in range(len(runs))]
+    for run, colour in zip(runs, colours):
+        loss = [float(v) for v in run.history.get("loss", [])]
+        if loss:
+            loss_ax.plot(np.arange(1, len(loss) + 1), loss, marker="o", color=colour,
+                         label=run.name)
+        norms = np.asarray(run.global_norms, dtype=float)
+        norm_ax.plot(np.arange(len(norms)), np.where(norms > 0, norms, np.nan),
+                     linewidth=0.7, color=colour, label=run.name)
+    loss_ax.set_xlabel("epoch")
+    loss_ax.set_ylabel("training loss")
+    loss_ax.set_title("Loss per epoch")
+    norm_ax.set_xlabel("training step")
+    norm_ax.set_ylabel("global gradient norm")
+    norm_ax.set_title("Global gradient norm, every step")
+    for ax, values in ((loss_ax, [v for r in runs for v in r.history.get("loss", [])]),
+                       (norm_ax, [v for r in runs for v in r.global_norms])):
+        values = np.asarray(values, dtype=float)
+        values = values[np.isfinite(values) & (values > 0)]
+        if values.size and values.max() / values.min() > 100:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        if ax.get_lines():
+            ax.legend(fontsize=8)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def run_figures(run):
+    """Every figure of a run: `[(file name, Figure)]`, in a fixed order.
+
+    Args:
+        run: a `keras_gradtools.runs.Run`.
+
+    Returns:
+        A list of `(name, Figure)`; the curves only when the run saved its
+        History.
+    """
+    figures = [
+        ("grad_norms_steps.png",
+         grad_norms_over_steps(run.norms, run.keys, run.findings, run.epoch_end_steps)),
+        ("gradient_flow.png", gradient_flow(run.norms, run.keys)),
+        ("norm_heatmap.png", norm_heatmap(run.norms, run.keys)),
+    ]
+    if "accuracy" in run.history:
+        figures.append(("accuracy.png", accuracy_curve(run.history)))
+    if run.history.get("loss"):
+        figures.append(("loss_and_grad_norms.png", loss_and_grad_norms(run.history)))
+    return figures
+
+
 def plot_run(run_dir, out_dir=None):
     """Writes every figure of a saved run; returns the paths written.
 
     Args:
-        run_dir: a run directory written by `run_experiment`.
+        run_dir: a run directory (see `keras_gradtools.runs`).
         out_dir: where to write the figures, or `None` for `run_dir/figures`.
             Defaults to `None`.
 
@@ -321,42 +386,25 @@ def plot_run(run_dir, out_dir=None):
         A list of paths.
 
     Raises:
+        keras_gradtools.runs.RunError: if `run_dir` is not a readable run.
         FileExistsError: if a figure already exists there (nothing is
             overwritten).
     """
-    import json
     import os
 
-    with open(os.path.join(run_dir, "grad_norms.json")) as f:
-        data = json.load(f)
-    keys = data["keys"]
-    norms = np.array([[float(v) for v in row] for row in data["norms"]],
-                     dtype=float).reshape(-1, len(keys))
-    ends = data.get("epoch_end_steps", [])
-    history = {}
-    if os.path.exists(os.path.join(run_dir, "history.json")):
-        with open(os.path.join(run_dir, "history.json")) as f:
-            history = json.load(f)
-    findings = []
-    if os.path.exists(os.path.join(run_dir, "diagnosis.json")):
-        with open(os.path.join(run_dir, "diagnosis.json")) as f:
-            findings = json.load(f).get("findings", [])
+    from keras_gradtools.runs import load_run
+
+    run = load_run(run_dir)
     out_dir = out_dir or os.path.join(run_dir, "figures")
-    os.makedirs(out_dir, exist_ok=True)
-    names = ["grad_norms_steps.png", "gradient_flow.png", "norm_heatmap.png"]
-    if history:
-        names += ["accuracy.png", "loss_and_grad_norms.png"]
-    paths = [os.path.join(out_dir, n) for n in names]
+    figures = run_figures(run)
+    paths = [os.path.join(out_dir, name) for name, _ in figures]
     taken = [p for p in paths if os.path.exists(p)]
     if taken:
         raise FileExistsError(
             f"{taken[0]} already exists; keras_gradtools never overwrites a figure. "
             "Pass another --out directory."
         )
-    grad_norms_over_steps(norms, keys, findings, ends, path=paths[0])
-    gradient_flow(norms, keys, path=paths[1])
-    norm_heatmap(norms, keys, path=paths[2])
-    if history:
-        accuracy_curve(history, path=paths[3])
-        loss_and_grad_norms(history, path=paths[4])
+    os.makedirs(out_dir, exist_ok=True)
+    for (_, fig), path in zip(figures, paths):
+        _save(fig, path)
     return paths

@@ -46,14 +46,7 @@ class GradientSummaryWriter:
 
     def __init__(self, log_dir):
         self.log_dir = os.fspath(log_dir)
-        self.train_dir = os.path.join(self.log_dir, "train")
-        existing = glob.glob(os.path.join(self.train_dir, f"events.out.tfevents.*{SUFFIX}"))
-        if existing:
-            raise FileExistsError(
-                f"{self.train_dir} already holds the gradient summaries of an earlier "
-                f"run ({os.path.basename(existing[0])}); keras_gradtools never writes "
-                f"over a run's logs. Choose a new log_dir. Received: log_dir={self.log_dir!r}"
-            )
+        self.train_dir = self.check_new(self.log_dir)
         os.makedirs(self.train_dir, exist_ok=True)
         self._writer = EventFileWriter(self.train_dir, filename_suffix=SUFFIX)
         self._scalar_metadata = scalar_metadata.create_summary_metadata(
@@ -65,6 +58,19 @@ class GradientSummaryWriter:
         # TensorBoard takes a tag's plugin (its metadata) from the tag's
         # first value: the metadata goes with that one only.
         self._tagged = set()
+
+    @staticmethod
+    def check_new(log_dir):
+        """Returns `log_dir/train`; raises `FileExistsError` if it holds our events already."""
+        train_dir = os.path.join(os.fspath(log_dir), "train")
+        existing = glob.glob(os.path.join(train_dir, f"events.out.tfevents.*{SUFFIX}"))
+        if existing:
+            raise FileExistsError(
+                f"{train_dir} already holds the gradient summaries of an earlier "
+                f"run ({os.path.basename(existing[0])}); keras_gradtools never writes "
+                f"over a run's logs. Choose a new log_dir. Received: log_dir={log_dir!r}"
+            )
+        return train_dir
 
     def _value(self, tag, tensor, metadata):
         value = summary_pb2.Summary.Value(tag=tag, tensor=tensor)
