@@ -124,14 +124,13 @@ def reproduce(**kwargs):
     run_reproduce(**kwargs)
 
 
-def load_run(run_dir):
-    """Reads a run directory (`keras_gradtools.runs.load_run`); a usage error if it is not one."""
+def _explained(function, *args):
+    """Calls a function that reads runs (and writes files); its refusals become usage errors."""
     from keras_gradtools.runs import RunError
-    from keras_gradtools.runs import load_run as read
 
     try:
-        return read(run_dir)
-    except RunError as e:
+        return function(*args)
+    except (RunError, FileExistsError) as e:
         raise click.UsageError(str(e)) from None
 
 
@@ -158,8 +157,9 @@ def _clipping_of(config):
 def diagnose(run_dir, as_json):
     """Judge a saved run's recorded gradient norms and print the report."""
     from keras_gradtools.diagnose import diagnose_norms
+    from keras_gradtools.runs import load_run
 
-    run = load_run(run_dir)
+    run = _explained(load_run, run_dir)
     report = diagnose_norms(run.norms, run.keys, run.epoch_end_steps,
                             clipping=_clipping_of(run.config), skipped_steps=run.skipped_steps)
     click.echo(report.to_json(indent=1) if as_json else str(report))
@@ -173,12 +173,7 @@ def plot(run_dir, out_dir):
     """Write every figure of a saved run (norms over steps, gradient flow, heatmap, curves)."""
     from keras_gradtools.plots import plot_run
 
-    load_run(run_dir)  # a clear error for anything that is not a run
-    try:
-        paths = plot_run(run_dir, out_dir)
-    except FileExistsError as e:
-        raise click.UsageError(str(e)) from None
-    for path in paths:
+    for path in _explained(plot_run, run_dir, out_dir):
         click.echo(path)
 
 
@@ -190,12 +185,7 @@ def report(run_dir, out):
     """Write one self-contained HTML report of a run (config, curves, findings, layers)."""
     from keras_gradtools.report import write_report
 
-    load_run(run_dir)  # a clear error for anything that is not a run
-    try:
-        path = write_report(run_dir, out)
-    except FileExistsError as e:
-        raise click.UsageError(str(e)) from None
-    click.echo(path)
+    click.echo(_explained(write_report, run_dir, out))
 
 
 @main.command()
@@ -209,12 +199,7 @@ def compare(run_dirs, out_dir):
     if len(run_dirs) < 2:
         raise click.UsageError("compare needs at least two run directories. "
                                f"Received: {len(run_dirs)}")
-    for run_dir in run_dirs:
-        load_run(run_dir)  # every run readable before anything is written
-    try:
-        table, paths = compare_runs(run_dirs, out_dir)
-    except FileExistsError as e:
-        raise click.UsageError(str(e)) from None
+    table, paths = _explained(compare_runs, run_dirs, out_dir)
     click.echo(table)
     for path in paths:
         click.echo(path)
