@@ -13,6 +13,7 @@ import tensorflow as tf
 
 from keras_gradtools import clipping
 from keras_gradtools import diagnose
+from keras_gradtools import internals
 from keras_gradtools import norms as norms_lib
 from keras_gradtools import runs
 from keras_gradtools import tap
@@ -414,6 +415,7 @@ class GradNormLogger(keras.callbacks.Callback):
         replicas = int(getattr(strategy, "num_replicas_in_sync", 1))
         if replicas > 1:
             _check_strategy(strategy, self.model.optimizer)
+            internals.check_replicas_supported(replicas)
         # Under MultiWorkerMirroredStrategy every worker records (the same
         # numbers); only the chief writes TensorBoard events.
         self.is_chief = tap.is_chief(strategy)

@@ -145,3 +145,19 @@ def test_diagnose_rejects_skipped_steps_outside_the_recording(tmp_path):
     assert result.exit_code == 2
     assert "not a gradient-norm recording" in result.output
     assert "skipped step outside the recording" in result.output
+
+
+def test_report_and_compare_read_a_reproduced_run(run_dir, tmp_path):
+    path, _ = run_dir
+    result = CliRunner().invoke(cli.main, ["report", path, "--out", str(tmp_path / "r.html")])
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "r.html").read_text()
+    assert "vanishing from step 0" in text and "deep_sigmoid/dense_0/kernel" in text
+    result = CliRunner().invoke(cli.main, ["compare", path, path])
+    assert result.exit_code == 0, result.output
+    summary = json.load(open(os.path.join(path, "summary.json")))
+    row = [line for line in result.output.splitlines() if line.startswith("| vanishing")][0]
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert float(cells[2]) == pytest.approx(summary["final_loss"], rel=1e-3)
+    assert float(cells[3]) == pytest.approx(summary["final_accuracy"], rel=1e-3)
+    assert cells[7] == "vanishing"
