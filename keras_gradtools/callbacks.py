@@ -295,10 +295,9 @@ class GradNormLogger(keras.callbacks.Callback):
     # ------------------------------------------------------------------
 
     def _start_run(self):
-        """Claims `run_dir` and writes what is known before training."""
+        """Writes into the claimed `run_dir` what is known before training."""
         from keras_gradtools import __version__
 
-        runs.new_run_dir(self.run_dir)
         model, optimizer = self.model, self.model.optimizer
         summary = io.StringIO()
         try:
@@ -323,6 +322,7 @@ class GradNormLogger(keras.callbacks.Callback):
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         })
         self._run_written = time.monotonic()
+        self._write_run(force=True)  # a readable run from the start, with no step yet
 
     def _write_run(self, force):
         """Rewrites the norms and the History in `run_dir` (now, or when the interval is up)."""
@@ -419,12 +419,6 @@ class GradNormLogger(keras.callbacks.Callback):
         # Under MultiWorkerMirroredStrategy every worker records (the same
         # numbers); only the chief writes TensorBoard events.
         self.is_chief = tap.is_chief(strategy)
-        self.epoch_end_steps = []
-        self._calls_since_flush = 0
-        self._published = 0
-        self._histograms_published = 0
-        self._epoch_history = {}
-        self._run_written = None
         self._steps_per_call = max(
             1, int(getattr(self.model, "steps_per_execution", 1) or 1)
         )
@@ -432,26 +426,36 @@ class GradNormLogger(keras.callbacks.Callback):
             from keras_gradtools.summaries import GradientSummaryWriter
 
             GradientSummaryWriter.check_new(self.log_dir)
+        optimizer = self.model.optimizer
+        recorder = GradNormRecorder(
+            self.model.trainable_variables,
+            include_biases=self.include_biases,
+            capacity=self.flush_every + 2 * self._steps_per_call + 1,
+            histogram_freq=self.histogram_freq if self.log_dir and self.is_chief else 0,
+            histogram_buckets=self.histogram_buckets,
+        )
+        applied_recorder = None
+        if clipping.clips(optimizer):
+            applied_recorder = GradNormRecorder(
+                self.model.trainable_variables,
+                include_biases=self.include_biases,
+                capacity=recorder.capacity,
+            )
+        if self.run_dir is not None and self.is_chief:
+            runs.new_run_dir(self.run_dir)  # refused before anything else changes
+        # A fresh recording: the previous fit's is kept until here.
+        self.recorder, self.applied_recorder = recorder, applied_recorder
+        self.epoch_end_steps = []
+        self._calls_since_flush = 0
+        self._published = 0
+        self._histograms_published = 0
+        self._epoch_history = {}
+        self._run_written = None
+        self._first_iteration = int(optimizer.iterations.numpy()) if optimizer is not None else 0
         if self.run_dir is not None and self.is_chief:
             self._start_run()
         if self.log_dir is not None and self.is_chief:
             self.writer = GradientSummaryWriter(self.log_dir)
-        optimizer = self.model.optimizer
-        self._first_iteration = int(optimizer.iterations.numpy()) if optimizer is not None else 0
-        self.recorder = GradNormRecorder(
-            self.model.trainable_variables,
-            include_biases=self.include_biases,
-            capacity=self.flush_every + 2 * self._steps_per_call + 1,
-            histogram_freq=self.histogram_freq if self.writer else 0,
-            histogram_buckets=self.histogram_buckets,
-        )
-        self.applied_recorder = None
-        if clipping.clips(self.model.optimizer):
-            self.applied_recorder = GradNormRecorder(
-                self.model.trainable_variables,
-                include_biases=self.include_biases,
-                capacity=self.recorder.capacity,
-            )
         self._restore = tap.instrument_model(
             self.model, [self.recorder],
             applied_recorders=[self.applied_recorder] if self.applied_recorder else [],

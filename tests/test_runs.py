@@ -96,6 +96,13 @@ def test_run_dir_is_never_written_over(user_run):
         model.fit(x, y, batch_size=16, epochs=1, verbose=0,
                   callbacks=[GradNormLogger(run_dir=run_dir)])
     assert int(model.optimizer.iterations.numpy()) == 0  # refused before any step
+    # The same logger, reused: the refused fit keeps its earlier recording.
+    logger = user_run[2]
+    recorded = logger.norms.copy()
+    with pytest.raises(FileExistsError):
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[logger])
+    np.testing.assert_array_equal(logger.norms, recorded)
+    assert logger.epoch_end_steps == [6, 12]
     for a, b in zip(weights, model.get_weights()):
         np.testing.assert_array_equal(a, b)
     assert {name: open(os.path.join(run_dir, name)).read()
@@ -368,3 +375,17 @@ def test_check_refuses_bad_data_files(tmp_path):
     result = CliRunner().invoke(cli.main, ["check", str(tmp_path / "small.keras"), "--data",
                                            str(tmp_path / "counts.npz"), "--loss", "nonsense"])
     assert result.exit_code == 2 and "is not a Keras loss" in result.output
+
+
+def test_a_run_is_readable_before_its_first_step(tmp_path):
+    class _Stop(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _fit_run(tmp_path / "early", callbacks=[_Stop()])
+    run = load_run(tmp_path / "early")
+    assert run.norms.shape == (0, 2) and run.keys == ["user_mlp/h/kernel", "user_mlp/out/kernel"]
+    for command in ("diagnose", "report", "plot"):
+        result = CliRunner().invoke(cli.main, [command, str(tmp_path / "early")])
+        assert result.exit_code == 0, (command, result.output)
