@@ -411,14 +411,17 @@ class GradNormLogger(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         tap.check_backend()
-        strategy = getattr(self.model, "distribute_strategy", None) or tf.distribute.get_strategy()
-        replicas = int(getattr(strategy, "num_replicas_in_sync", 1))
-        if replicas > 1:
-            _check_strategy(strategy, self.model.optimizer)
-            internals.check_replicas_supported(replicas)
-        # Under MultiWorkerMirroredStrategy every worker records (the same
-        # numbers); only the chief writes TensorBoard events.
-        self.is_chief = tap.is_chief(strategy)
+        self.is_chief = True
+        if keras.backend.backend() == "tensorflow":
+            strategy = (getattr(self.model, "distribute_strategy", None)
+                        or tf.distribute.get_strategy())
+            replicas = int(getattr(strategy, "num_replicas_in_sync", 1))
+            if replicas > 1:
+                _check_strategy(strategy, self.model.optimizer)
+                internals.check_replicas_supported(replicas)
+            # Under MultiWorkerMirroredStrategy every worker records (the
+            # same numbers); only the chief writes TensorBoard events.
+            self.is_chief = tap.is_chief(strategy)
         self._steps_per_call = max(
             1, int(getattr(self.model, "steps_per_execution", 1) or 1)
         )

@@ -373,6 +373,13 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
                 f"`clip` must be one of {', '.join(map(repr, _WRAPPER_METHODS))}. "
                 f"Received: clip={clip!r}"
             )
+        if keras.backend.backend() != "tensorflow":
+            raise ValueError(
+                "ClippedOptimizer (clip='agc', 'autoclip', 'zclip', or clipping the summed "
+                "gradient under tf.distribute) runs on the TensorFlow backend only for now; "
+                "clip='value', 'norm' and 'global_norm' work on every backend as Keras' own "
+                f"arguments. Received: clip={clip!r} on {keras.backend.backend()!r}"
+            )
         _check_no_keras_clipping(inner_optimizer, clip)
         threshold = _DEFAULT_THRESHOLD[clip] if threshold is None else float(threshold)
         _check_threshold(clip, threshold)

@@ -21,6 +21,8 @@ Contact points (tested on Keras 3.3.3 / TF 2.16.2 and Keras 3.15.1 / TF
 | `model._call_has_training_arg`, `model._compute_loss` / `compute_loss`, `model._loss_tracker`, `keras.src.losses.loss.unscale_loss_for_distribution` (`forward`, `compute_loss`, `track_loss`) | `GradNormModel.train_step` does what Keras' TF `train_step` does, on every supported version (the `training` argument of `compute_loss` arrived in 3.3, `_compute_loss` and the unscaling later) | a train step that keeps its own loss metric (Keras' custom `train_step` guide); its `loss` would then not be Keras' |
 | `tensorflow.python.ops.resource_variable_ops.ResourceVariable` (`local_variable`) | the ring buffer: a plain variable even inside `strategy.scope()` (written by one replica per worker) | none: `tf.Variable` inside a scope becomes a distributed variable |
 | `model.train_function`, replaced for the duration of `fit()` (`set_train_function`) | the logger rebuilds the train function with the tap in it, and puts the old one back | a public attribute, but Keras does not document replacing it |
+| `optimizer._variables`, extended for the duration of `fit()` on JAX (`adopt_variables`, `release_variables`) | JAX's train step is a pure function of the state Keras passes in: a ring buffer written inside it survives only as part of that state, and the optimizer's variables are | none |
+| `model._jax_state`, `model._jax_state_synced` (`live_values`) | during a JAX epoch the variables' own values are purged; the current ones live in the trainer's state | `model.jax_state_sync()` (public), which writes every variable back: too costly every few hundred steps |
 
 Every replacement goes through `Patch`: entered and exited the same way,
 reference counted (replicas trace in parallel threads), nested patches of
@@ -196,6 +198,38 @@ def patch_non_finite_handler(optimizer, make):
 def set_train_function(model, function):
     """Sets `model.train_function` (what `fit()` calls each step)."""
     model.train_function = function
+
+
+# ----------------------------------------------------------------------
+# JAX: state that survives the pure train step
+# ----------------------------------------------------------------------
+
+
+def adopt_variables(optimizer, variables):
+    """Makes `variables` part of the optimizer's state (JAX: carried through the train step)."""
+    present = {id(v) for v in optimizer._variables}
+    optimizer._variables.extend(v for v in variables if id(v) not in present)
+
+
+def release_variables(optimizer, variables):
+    """Takes `variables` out of the optimizer's state again (see `adopt_variables`)."""
+    gone = {id(v) for v in variables}
+    optimizer._variables[:] = [v for v in optimizer._variables if id(v) not in gone]
+
+
+def live_values(model, variables):
+    """The current values of optimizer-owned variables, also in the middle of a JAX epoch.
+
+    Between the steps of a JAX epoch Keras keeps the current state in the
+    trainer (`model._jax_state`) and purges the variables' own values; read
+    from there, by position in `optimizer.variables`, until it is synced.
+    """
+    state = getattr(model, "_jax_state", None)
+    if state and not getattr(model, "_jax_state_synced", True):
+        position = {id(v): i for i, v in enumerate(model.optimizer.variables)}
+        values = state["optimizer_variables"]
+        return [values[position[id(v)]] for v in variables]
+    return [v.value for v in variables]
 
 
 # ----------------------------------------------------------------------

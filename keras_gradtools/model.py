@@ -6,6 +6,7 @@ import tensorflow as tf
 from keras_gradtools import clipping
 from keras_gradtools import internals
 from keras_gradtools.callbacks import GradNormLogger
+from keras_gradtools import tap
 from keras_gradtools.tap import ordered_after
 
 
@@ -94,6 +95,7 @@ class GradNormModel(keras.Model):
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
     def fit(self, *args, callbacks=None, **kwargs):
+        tap.check_backend("GradNormModel", ("tensorflow",))
         # Recorders of an earlier fit() that ended in an exception.
         del self.gradtools_recorders[:]
         callbacks = list(callbacks or [])

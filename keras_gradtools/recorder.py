@@ -15,8 +15,10 @@ Who feeds a recorder lives in `keras_gradtools.tap` (the optimizer's
 step), or a custom loop calls `record` itself.
 """
 
+import keras
 import numpy as np
 import tensorflow as tf
+from keras import ops
 
 from keras_gradtools import internals
 from keras_gradtools import norms as norms_lib
@@ -35,6 +37,11 @@ class GradNormRecorder:
     right. The read properties copy too, so reading never loses a step.
 
     The recorder is not tracked by any model: it is never saved with one.
+    On TensorFlow the buffer is a TF variable written in the compiled step
+    (also under `tf.distribute`); on JAX and PyTorch it is a pair of Keras
+    variables written with `keras.ops` (`device_variables`: on JAX they
+    must be part of the optimizer's state while training, which
+    `GradNormLogger` arranges). Gradient histograms need TensorFlow.
 
     Args:
         variables: the variables whose gradients may be recorded, e.g.
@@ -82,12 +89,27 @@ class GradNormRecorder:
             for handle in internals.variable_handles(variable):
                 self._index[id(handle)] = i
         width = max(len(self.variables), 1)
-        # One column per variable, then the step's "skipped" flag.
+        self.histogram_freq = int(histogram_freq or 0)
+        self.histogram_buckets = int(histogram_buckets)
+        self._tf = keras.backend.backend() == "tensorflow"
+        # How the host reads the device variables (JAX: from the trainer's state).
+        self.read_values = lambda variables: [v.value for v in variables]
+        if not self._tf:
+            if self.histogram_freq:
+                raise ValueError(
+                    "Gradient histograms need the TensorFlow backend for now. Received: "
+                    f"histogram_freq={histogram_freq} on {keras.backend.backend()!r}"
+                )
+            # One column per variable, then the step's "skipped" flag.
+            self._buffer = keras.Variable(np.zeros((capacity, width + 1), "float32"),
+                                          trainable=False, name="gradtools_norms")
+            self._count = keras.Variable(0, dtype="int32", trainable=False,
+                                         name="gradtools_count")
+            self.reset()
+            return
         self._buffer = internals.local_variable(tf.zeros([capacity, width + 1], tf.float32),
                                                 "gradtools_norms")
         self._count = internals.local_variable(tf.constant(0, tf.int64), "gradtools_count")
-        self.histogram_freq = int(histogram_freq or 0)
-        self.histogram_buckets = int(histogram_buckets)
         if self.histogram_freq:
             slots = capacity // self.histogram_freq + 2
             self._hist = internals.local_variable(
@@ -111,6 +133,11 @@ class GradNormRecorder:
         self._store = _RowStore(len(self.keys))
         self._hist_store = []
         self._hist_next = 0
+
+    @property
+    def device_variables(self):
+        """The variables the train step writes (JAX: to carry in the optimizer's state)."""
+        return [self._buffer, self._count]
 
     # ------------------------------------------------------------------
     # Device side: called inside the train step
@@ -167,6 +194,8 @@ class GradNormRecorder:
         shared = {} if shared is None else shared
         slots = self._slots(gradients, variables)
         values = []
+        if not self._tf:
+            return self._ops_norms(slots, scale, shared)
         for gradient in slots:
             if gradient is None:
                 values.append(tf.constant(0.0, tf.float32))
@@ -185,6 +214,23 @@ class GradNormRecorder:
             self._write_histograms(slots, scale)
         return norms
 
+    def _ops_norms(self, slots, scale, shared):
+        """`step_norms` with `keras.ops` (JAX, PyTorch): sums of squares in float32."""
+        values = []
+        for gradient in slots:
+            if gradient is None:
+                values.append(ops.zeros((), "float32"))
+                continue
+            if id(gradient) not in shared:
+                shared[id(gradient)] = ops.sum(ops.square(ops.cast(gradient, "float32")))
+            values.append(shared[id(gradient)])
+        if not values:
+            return ops.zeros((0,), "float32")
+        norms = ops.sqrt(ops.stack(values))
+        if scale is not None:
+            norms = norms / ops.cast(scale, "float32")
+        return norms
+
     def write(self, norms, skipped=None):
         """Writes an already computed norm vector as the next step's row.
 
@@ -195,6 +241,18 @@ class GradNormRecorder:
         Returns:
             `None`.
         """
+        if not self._tf:
+            if not self.variables:
+                norms = ops.zeros((1,), "float32")
+            flag = (ops.zeros((1,), "float32") if skipped is None
+                    else ops.reshape(ops.cast(skipped, "float32"), (1,)))
+            row = ops.mod(self._count.value, self.capacity)
+            values = ops.concatenate([ops.reshape(ops.cast(norms, "float32"), (-1,)), flag])
+            self._buffer.assign(ops.scatter_update(
+                self._buffer.value, ops.reshape(ops.cast(row, "int32"), (1, 1)),
+                ops.expand_dims(values, 0)))
+            self._count.assign(self._count.value + 1)
+            return
         if not self.variables:
             norms = tf.zeros([1], tf.float32)
         flag = tf.zeros([1], tf.float32) if skipped is None else tf.reshape(
@@ -218,7 +276,7 @@ class GradNormRecorder:
         Returns:
             `None`.
         """
-        self.write(tf.fill([max(len(self.keys), 1)], np.nan), tf.constant(True))
+        self.write(tf.fill([max(len(self.keys), 1)], np.nan), tf.constant(True))  # TF only
 
     def _slots(self, gradients, variables):
         """Each recorded variable's gradient (or `None`), in the recorder's order."""
@@ -253,10 +311,20 @@ class GradNormRecorder:
     # Host side
     # ------------------------------------------------------------------
 
+    def _device_count(self):
+        if self._tf:
+            return int(self._count.numpy())
+        return int(ops.convert_to_numpy(self.read_values([self._count])[0]))
+
+    def _device_buffer(self):
+        if self._tf:
+            return self._buffer.numpy()
+        return ops.convert_to_numpy(self.read_values([self._buffer])[0])
+
     @property
     def steps_recorded(self):
         """Number of steps recorded so far (reads the device counter)."""
-        return int(self._count.numpy())
+        return self._device_count()
 
     def flush(self):
         """Copies the rows written since the last copy to the host store.
@@ -270,11 +338,11 @@ class GradNormRecorder:
             A `(num_new_steps, len(self.keys))` float64 NumPy array of the
             new rows, oldest first.
         """
-        count = int(self._count.numpy())
+        count = self._device_count()
         new = count - self._store.size
         if new <= 0:
             return np.zeros((0, len(self.keys)))
-        full = self._buffer.numpy().astype(np.float64)
+        full = self._device_buffer().astype(np.float64)
         lost = max(0, new - self.capacity)
         if lost:
             tf.get_logger().warning(

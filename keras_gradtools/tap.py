@@ -16,43 +16,57 @@ One mechanism feeds every recorder, whoever asks for the recording:
   a compiled model's train function so that a tap is entered whenever it
   is traced, and puts the previous one back afterwards.
 
-Where another backend plugs in: a tap is entered around the tracing of
-the train step and must leave the gradients it catches unchanged; the
-TensorFlow specifics (replicas, the all-reduce) are confined to
-`GradientTap.enter` and the methods it installs.
+Backends: the optimizer's `apply` is where every Keras trainer hands over
+the gradients (TensorFlow and JAX inside the traced step, PyTorch eagerly),
+so one replica needs nothing more on any backend. The TensorFlow specifics
+(replicas, the all-reduce) are confined to `GradientTap.enter` and the
+methods it installs; the JAX specific (the recorders' buffers carried in the
+optimizer's state) to `_Instrumentation.adopt`.
 """
 
 import functools
 
 import keras
 import tensorflow as tf
+from keras import ops
 
 from keras_gradtools import clipping
 from keras_gradtools import internals
 from keras_gradtools.recorder import GradNormRecorder
 
 
-SUPPORTED_BACKENDS = ("tensorflow",)
+SUPPORTED_BACKENDS = ("tensorflow", "jax", "torch")
 
 
-def check_backend():
-    """Raises `ValueError` unless Keras runs on a backend the tap supports.
+def check_backend(what="GradNormLogger", backends=SUPPORTED_BACKENDS):
+    """Raises `ValueError` unless Keras runs on a backend `what` supports.
 
     Called before any training work starts (`GradNormLogger`'s
     `on_train_begin`, `instrument_model`, `recording`).
+
+    Args:
+        what: the feature, for the message. Defaults to `"GradNormLogger"`.
+        backends: the backends it supports. Defaults to TensorFlow, JAX
+            and PyTorch.
 
     Returns:
         `None`.
 
     Raises:
-        ValueError: on the JAX, PyTorch or NumPy backend.
+        ValueError: on another backend (NumPy, OpenVINO), or one `what`
+            does not support yet.
     """
     backend = keras.backend.backend()
-    if backend not in SUPPORTED_BACKENDS:
+    if backend not in backends:
         raise ValueError(
-            "keras_gradtools records gradients on the TensorFlow backend only; JAX and "
-            "PyTorch are not supported yet. Set KERAS_BACKEND=tensorflow before "
-            f"importing keras. Received: keras.backend.backend()={backend!r}"
+            f"{what} runs on the {', '.join(backends)} backend(s) of Keras; set "
+            "KERAS_BACKEND before importing keras. Received: "
+            f"keras.backend.backend()={backend!r}"
+        )
+    if backend == "jax" and keras.distribution.distribution() is not None:
+        raise ValueError(
+            f"{what} does not support keras.distribution on JAX yet. Received: "
+            f"distribution={type(keras.distribution.distribution()).__name__}"
         )
 
 
@@ -80,6 +94,9 @@ class GradientTap:
         self.recorders = []
         self.applied_recorders = []
         self._entered = None
+        self.replicas = self.local_replicas = 1
+        if keras.backend.backend() != "tensorflow":
+            return
         strategy = (strategy or internals.strategy_of(self.layout.base)
                     or tf.distribute.get_strategy())
         self.replicas = int(getattr(strategy, "num_replicas_in_sync", 1))
@@ -168,13 +185,13 @@ class GradientTap:
         if self.layout.loss_scale is not None:
             # The loss-scale optimizer skips a step whose scaled gradients
             # are not all finite: its own public test, on the same gradients.
-            skipped = tf.logical_not(self.layout.loss_scale.check_finite(grads))
+            skipped = ops.logical_not(self.layout.loss_scale.check_finite(grads))
         result = apply(grads, trainable_variables)
         for recorder, norms in pending:
             recorder.write(norms, skipped)
         if self.applied_recorders and self.layout.keras_clipping:
             unscaled = grads if scale is None else [
-                None if g is None else g / tf.cast(scale, g.dtype) for g in grads
+                None if g is None else g / ops.cast(scale, g.dtype) for g in grads
             ]
             present = [(g, v) for g, v in zip(unscaled, variables) if g is not None]
             clipped = internals.keras_clip(self.layout.base, [g for g, _ in present])
@@ -252,6 +269,8 @@ def ordered_after(shared, gradients):
     Returns:
         A list of gradients, in the same order.
     """
+    if keras.backend.backend() != "tensorflow":
+        return list(gradients)  # eager (PyTorch) or traced by XLA as a whole (JAX)
     ordered = []
     for gradient in gradients:
         norm = None if gradient is None else shared.get(id(gradient))
@@ -306,6 +325,7 @@ class recording:
     """
 
     def __init__(self, optimizer, recorders, applied_recorders=(), strategy=None):
+        check_backend("recording()", ("tensorflow",))
         if isinstance(recorders, GradNormRecorder):
             recorders = [recorders]
         self._tap = GradientTap(optimizer, strategy)
@@ -384,9 +404,11 @@ def instrument_model(model, recorders, applied_recorders=()):
     check_backend()
     recorders = list(recorders)
     applied_recorders = list(applied_recorders)
-    strategy = getattr(model, "distribute_strategy", None) or tf.distribute.get_strategy()
+    strategy = None
+    if keras.backend.backend() == "tensorflow":
+        strategy = getattr(model, "distribute_strategy", None) or tf.distribute.get_strategy()
     native = getattr(model, "gradtools_recorders", None)
-    if isinstance(native, list) and strategy.num_replicas_in_sync == 1:
+    if isinstance(native, list) and (strategy is None or strategy.num_replicas_in_sync == 1):
         native.extend(recorders)
         model.make_train_function(force=True)
 
@@ -408,6 +430,7 @@ def instrument_model(model, recorders, applied_recorders=()):
         current = _Instrumentation(model)
     current.tap.recorders.extend(recorders)
     current.tap.applied_recorders.extend(applied_recorders)
+    current.adopt(recorders + applied_recorders)
 
     def restore():
         current.detach(recorders + applied_recorders)
@@ -420,10 +443,8 @@ class _Instrumentation:
 
     def __init__(self, model):
         self.model = model
-        self.tap = GradientTap(
-            model.optimizer,
-            getattr(model, "distribute_strategy", None) or tf.distribute.get_strategy(),
-        )
+        self.tap = GradientTap(model.optimizer, getattr(model, "distribute_strategy", None))
+        self.adopted = []
         self.active = True
         self.previous = model.train_function
         self.history = getattr(model, "history", None)
@@ -445,7 +466,30 @@ class _Instrumentation:
             and getattr(model, "history", None) is self.history
         )
 
+    def adopt(self, recorders):
+        """JAX: the recorders' buffers join the optimizer's state, read from the trainer's."""
+        if keras.backend.backend() != "jax":
+            return
+        for recorder in recorders:
+            internals.adopt_variables(self.model.optimizer, recorder.device_variables)
+            recorder.read_values = functools.partial(internals.live_values, self.model)
+            self.adopted.append(recorder)
+
+    def release(self, recorders):
+        for recorder in recorders:
+            if recorder in self.adopted:
+                variables = recorder.device_variables
+                # Keep what the trainer's state holds (also when an exception
+                # ended the epoch before Keras synced it back).
+                for variable, value in zip(variables,
+                                           internals.live_values(self.model, variables)):
+                    variable.assign(value)
+                internals.release_variables(self.model.optimizer, variables)
+                recorder.read_values = lambda vs: [v.value for v in vs]
+                self.adopted.remove(recorder)
+
     def detach(self, recorders):
+        self.release(recorders)
         for recorder in recorders:
             for group in (self.tap.recorders, self.tap.applied_recorders):
                 if recorder in group:
@@ -457,6 +501,7 @@ class _Instrumentation:
         if not self.active:
             return
         self.active = False
+        self.release(list(self.adopted))
         self.tap.recorders = []
         self.tap.applied_recorders = []
         if self.model.train_function is self.train_function:

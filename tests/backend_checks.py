@@ -1,0 +1,185 @@
+"""GradNormLogger on the JAX or PyTorch backend, against that backend's own autograd.
+
+Run by tests/test_backends.py in a fresh process with KERAS_BACKEND set (the
+backend is fixed when keras is imported); prints one `RESULT {json}` line.
+Each model trains with plain SGD on fixed batches while a callback keeps the
+weights before every step; the reference gradient of every step is then taken
+with `jax.grad` (JAX) or `loss.backward()` (PyTorch) at those weights, on the
+same batch, and compared with what the logger recorded.
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from keras_gradtools import GradNormLogger, GradientMonitor  # noqa: E402
+
+BACKEND = keras.backend.backend()
+BATCH = 8
+
+
+class _Weights(keras.callbacks.Callback):
+    """The trainable weights before every step."""
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.before = getattr(self, "before", [])
+        self.before.append([np.array(v.numpy()) for v in self.model.trainable_variables])
+
+
+def _reference(model, weights, x, y, loss_fn):
+    """Per-variable gradient norms at `weights` on one batch, by the backend's autograd."""
+    if BACKEND == "jax":
+        import jax
+
+        non_trainable = [v.value for v in model.non_trainable_variables]
+
+        def loss(trainable):
+            y_pred, _ = model.stateless_call(trainable, non_trainable, x, training=True)
+            return keras.ops.mean(loss_fn(y, y_pred))
+
+        grads = jax.grad(loss)([jax.numpy.asarray(w) for w in weights])
+        return [float(np.sqrt(np.sum(np.square(np.asarray(g, np.float64))))) for g in grads]
+    import torch
+
+    for variable, value in zip(model.trainable_variables, weights):
+        variable.assign(value)
+    model.zero_grad()
+    loss = keras.ops.mean(loss_fn(torch.as_tensor(y), model(torch.as_tensor(x), training=True)))
+    loss.backward()
+    return [float(torch.linalg.vector_norm(v.value.grad.double())) for v in
+            model.trainable_variables]
+
+
+def _compare(name, build, x, y, loss="sparse_categorical_crossentropy", steps=4):
+    keras.utils.set_random_seed(0)
+    model = build()
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=loss)
+    variables_before = len(model.optimizer.variables) if model.optimizer.built else None
+    logger, weights = GradNormLogger(include_biases=True), _Weights()
+    model.fit(x[:steps * BATCH], y[:steps * BATCH], batch_size=BATCH, epochs=1, shuffle=False,
+              verbose=0, callbacks=[logger, weights])
+    recorded = logger.norms
+    loss_fn = keras.losses.get(loss)
+    paths = [v.path for v in model.trainable_variables]
+    columns = [paths.index(k) for k in logger.keys]
+    worst = 0.0
+    for step in range(steps):
+        xb, yb = x[step * BATCH:(step + 1) * BATCH], y[step * BATCH:(step + 1) * BATCH]
+        expected = np.array(_reference(model, weights.before[step], xb, yb, loss_fn))[columns]
+        # Relative error; a gradient that is 0 in exact arithmetic (a conv bias
+        # followed by batch norm: both sides are float32 noise) is measured
+        # against the step's largest norm instead.
+        scale = np.where(np.abs(expected) < 1e-3 * expected.max(), expected.max(),
+                         np.abs(expected))
+        worst = max(worst, float(np.max(np.abs(recorded[step] - expected) / scale)))
+    return {
+        "name": name, "steps": int(len(recorded)), "keys": logger.keys, "max_rel": worst,
+        "apply_left": "apply" in vars(model.optimizer),
+        "optimizer_variables_same": (variables_before is None
+                                     or len(model.optimizer.variables) == variables_before),
+    }
+
+
+def _mlp():
+    return keras.Sequential([keras.Input((6,)), keras.layers.Dense(16, activation="tanh",
+                                                                   name="h"),
+                             keras.layers.Dense(3, activation="softmax", name="out")],
+                            name="mlp")
+
+
+def _shared():
+    inputs = keras.Input((6,))
+    shared = keras.layers.Dense(6, activation="tanh", name="shared")
+    h = shared(shared(inputs))
+    return keras.Model(inputs, keras.layers.Dense(3, activation="softmax", name="out")(h),
+                       name="shared_net")
+
+
+class _Subclassed(keras.Model):
+    def __init__(self):
+        super().__init__(name="subclassed")
+        self.h = keras.layers.Dense(8, activation="relu", name="h")
+        self.out = keras.layers.Dense(3, activation="softmax", name="out")
+
+    def call(self, x, training=None):
+        return self.out(self.h(x))
+
+
+def _cnn():
+    return keras.Sequential([
+        keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3, name="conv"),
+        keras.layers.BatchNormalization(name="bn"), keras.layers.ReLU(),
+        keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(3, activation="softmax",
+                                                                  name="out")], name="cnn")
+
+
+def _frozen():
+    model = _mlp()
+    model.get_layer("h").trainable = False
+    return model
+
+
+def _lstm():
+    return keras.Sequential([keras.Input((5, 3)), keras.layers.LSTM(6, name="lstm"),
+                             keras.layers.Dense(3, activation="softmax", name="out")],
+                            name="lstm_net")
+
+
+def _embedding():
+    return keras.Sequential([keras.Input((5,), dtype="int32"),
+                             keras.layers.Embedding(10, 4, name="embed"),
+                             keras.layers.GlobalAveragePooling1D(),
+                             keras.layers.Dense(3, activation="softmax", name="out")],
+                            name="embed_net")
+
+
+def _tools_run(tmp):
+    """Logger with TensorBoard and run_dir, and the monitor, on this backend."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(64, 6)).astype("float32"), rng.integers(0, 3, 64)
+    keras.utils.set_random_seed(0)
+    model = _mlp()
+    model.compile(optimizer=keras.optimizers.SGD(0.1, clipnorm=0.5),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    logger = GradNormLogger(log_dir=os.path.join(tmp, "logs"), update_freq=1,
+                            run_dir=os.path.join(tmp, "run"), flush_every=3)
+    monitor = GradientMonitor(logger, check_every=4, verbose=0)
+    history = model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[logger, monitor])
+    # A later fit without the logger runs the plain train function; save and load.
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    path = os.path.join(tmp, "model.keras")
+    model.save(path)
+    keras.models.load_model(path)
+    return {
+        "norms": logger.norms.tolist(), "applied": logger.applied_recorder.norms.tolist(),
+        "keys": logger.keys, "epoch_end_steps": logger.epoch_end_steps,
+        "history_loss": history.history["loss"],
+        "history_grad": history.history["grad_norm/mlp/out/kernel"],
+        "findings": monitor.report().to_dict()["findings"],
+    }
+
+
+def main(tmp):
+    rng = np.random.default_rng(1)
+    x6, y = rng.normal(size=(32, 6)).astype("float32"), rng.integers(0, 3, 32)
+    ids = rng.integers(0, 10, (32, 5)).astype("int32")
+    ids[:, 1] = ids[:, 0]  # repeated ids within every sample
+    result = {"backend": BACKEND, "models": [
+        _compare("sequential", _mlp, x6, y),
+        _compare("functional_shared", _shared, x6, y),
+        _compare("subclassed", _Subclassed, x6, y),
+        _compare("cnn_batchnorm", _cnn, rng.normal(size=(32, 8, 8, 1)).astype("float32"), y),
+        _compare("frozen", _frozen, x6, y),
+        _compare("lstm", _lstm, rng.normal(size=(32, 5, 3)).astype("float32"), y),
+        _compare("embedding", _embedding, ids, y),
+    ], "tools": _tools_run(tmp)}
+    print("RESULT " + json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,83 @@
+"""GradNormLogger, GradientMonitor, TensorBoard and run directories on JAX and PyTorch.
+
+The backend is fixed when keras is imported, so each backend runs
+`backend_checks.py` in a fresh process (KERAS_BACKEND set) and reports what it
+measured; the recorded norms of every step are compared there with the
+backend's own autograd (`jax.grad`, `loss.backward()`) at the same weights and
+batch. Skipped where the backend's package is not installed (`pip install -e
+".[jax,torch]"`; CI installs both).
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from keras_gradtools.runs import load_run
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MODELS = ["sequential", "functional_shared", "subclassed", "cnn_batchnorm", "frozen", "lstm",
+          "embedding"]
+
+
+def _available(backend):
+    return importlib.util.find_spec(backend) is not None
+
+
+@pytest.fixture(scope="module", params=["jax", "torch"])
+def checked(request, tmp_path_factory):
+    backend = request.param
+    if not _available(backend):
+        pytest.skip(f"{backend} is not installed")
+    tmp = tmp_path_factory.mktemp(backend)
+    env = dict(os.environ, KERAS_BACKEND=backend)
+    out = subprocess.run([sys.executable, os.path.join(HERE, "backend_checks.py"), str(tmp)],
+                         capture_output=True, text=True, timeout=600, env=env)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, out.stderr[-3000:]
+    return backend, str(tmp), json.loads(lines[-1][len("RESULT "):])
+
+
+def test_every_step_equals_the_backends_own_gradient(checked):
+    backend, _, result = checked
+    assert result["backend"] == backend
+    assert [m["name"] for m in result["models"]] == MODELS
+    for model in result["models"]:
+        assert model["steps"] == 4, model
+        assert model["max_rel"] <= 1e-5, model
+        # The model is left as found: no patch, no variable added to the optimizer.
+        assert not model["apply_left"] and model["optimizer_variables_same"], model
+    frozen = next(m for m in result["models"] if m["name"] == "frozen")
+    assert frozen["keys"] == ["mlp/out/kernel", "mlp/out/bias"]  # the frozen layer is not recorded
+
+
+def test_clipping_history_tensorboard_and_run_dir(checked):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.util import tensor_util
+
+    backend, tmp, result = checked
+    tools = result["tools"]
+    norms, applied = np.array(tools["norms"]), np.array(tools["applied"])
+    assert norms.shape == applied.shape == (16, 2) and tools["epoch_end_steps"] == [8, 16]
+    # clipnorm=0.5 clips each variable's gradient: applied = min(raw, 0.5).
+    assert (norms > 0.5).any()
+    np.testing.assert_allclose(applied, np.minimum(norms, 0.5), rtol=1e-5)
+    np.testing.assert_allclose(tools["history_grad"],
+                               [norms[:8, 1].mean(), norms[8:, 1].mean()], rtol=1e-6)
+    # TensorBoard: every step (update_freq=1), written without TensorFlow ops.
+    ea = EventAccumulator(os.path.join(tmp, "logs", "train"), size_guidance={"tensors": 0})
+    ea.Reload()
+    events = ea.Tensors("grad_norm/mlp/out/kernel")
+    assert [e.step for e in events] == list(range(1, 17))
+    np.testing.assert_allclose([float(tensor_util.make_ndarray(e.tensor_proto)) for e in events],
+                               norms[:, 1], rtol=1e-6)
+    # The run directory holds the same recording and History.
+    run = load_run(os.path.join(tmp, "run"))
+    np.testing.assert_allclose(run.norms, norms, rtol=1e-12)
+    np.testing.assert_allclose(run.history["loss"], tools["history_loss"], rtol=1e-6)
+    assert run.config["backend"] == backend and run.config["clipping"] == "clipnorm=0.5"
+    assert run.findings == tools["findings"]
