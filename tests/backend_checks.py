@@ -164,6 +164,47 @@ def _tools_run(tmp):
     }
 
 
+def _refusals(tmp):
+    """What is not supported on this backend yet: the error each gives, before training."""
+    from keras_gradtools import GradNormModel, GradNormRecorder, recording
+    from keras_gradtools.clipping import clipped_optimizer
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(16, 6)).astype("float32"), rng.integers(0, 3, 16)
+    out = {}
+
+    def attempt(name, action):
+        try:
+            action()
+        except ValueError as e:
+            out[name] = str(e)
+        else:
+            out[name] = None
+
+    def histograms():
+        model = _mlp()
+        model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+        try:
+            model.fit(x, y, batch_size=8, verbose=0,
+                      callbacks=[GradNormLogger(log_dir=os.path.join(tmp, "hist"), histogram_freq=2)])
+        finally:
+            out["histograms_steps"] = int(model.optimizer.iterations.numpy())
+
+    attempt("histograms", histograms)
+    attempt("zclip", lambda: clipped_optimizer("adam", clip="zclip"))
+    attempt("recording", lambda: recording(keras.optimizers.SGD(0.1),
+                                           [GradNormRecorder(_mlp().trainable_variables)]))
+
+    def gradnorm_model():
+        inputs = keras.Input((6,))
+        model = GradNormModel(inputs, keras.layers.Dense(3)(inputs))
+        model.compile(optimizer="sgd", loss="mse")
+        model.fit(x, np.zeros((16, 3)), verbose=0)
+
+    attempt("gradnorm_model", gradnorm_model)
+    return out
+
+
 def main(tmp):
     rng = np.random.default_rng(1)
     x6, y = rng.normal(size=(32, 6)).astype("float32"), rng.integers(0, 3, 32)
@@ -177,7 +218,7 @@ def main(tmp):
         _compare("frozen", _frozen, x6, y),
         _compare("lstm", _lstm, rng.normal(size=(32, 5, 3)).astype("float32"), y),
         _compare("embedding", _embedding, ids, y),
-    ], "tools": _tools_run(tmp)}
+    ], "tools": _tools_run(tmp), "refusals": _refusals(tmp)}
     print("RESULT " + json.dumps(result))
 
 

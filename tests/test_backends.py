@@ -81,3 +81,15 @@ def test_clipping_history_tensorboard_and_run_dir(checked):
     np.testing.assert_allclose(run.history["loss"], tools["history_loss"], rtol=1e-6)
     assert run.config["backend"] == backend and run.config["clipping"] == "clipnorm=0.5"
     assert run.findings == tools["findings"]
+
+
+def test_what_is_not_there_yet_is_refused_before_training(checked):
+    backend, tmp, result = checked
+    refusals = result["refusals"]
+    assert "need the TensorFlow backend" in refusals["histograms"]
+    assert refusals["histograms_steps"] == 0  # refused in on_train_begin, before a step
+    assert not os.path.exists(os.path.join(tmp, "hist"))  # and nothing written
+    assert "TensorFlow backend only" in refusals["zclip"] and f"'{backend}'" in refusals["zclip"]
+    for name in ("recording", "gradnorm_model"):
+        assert "runs on the tensorflow backend" in refusals[name], refusals[name]
+        assert f"backend()='{backend}'" in refusals[name]
