@@ -70,6 +70,27 @@ def check_backend(what="GradNormLogger", backends=SUPPORTED_BACKENDS):
         )
 
 
+def check_optimizer(optimizer):
+    """Raises `ValueError` for an optimizer the tap cannot follow on this backend.
+
+    On JAX a `LossScaleOptimizer` (mixed_float16) applies through its inner
+    optimizer's `stateless_apply`, past its own `apply`: not supported yet.
+
+    Args:
+        optimizer: the model's optimizer, or `None`.
+
+    Returns:
+        `None`.
+    """
+    if (optimizer is not None and keras.backend.backend() == "jax"
+            and clipping.layout(optimizer).loss_scale is not None):
+        raise ValueError(
+            "GradNormLogger does not support a LossScaleOptimizer (mixed_float16) on "
+            "JAX yet; use mixed_bfloat16, float32, or the TensorFlow or PyTorch "
+            "backend. Received: optimizer=LossScaleOptimizer on 'jax'"
+        )
+
+
 class GradientTap:
     """Makes an optimizer feed recorders the gradients it applies, while entered.
 
@@ -95,6 +116,7 @@ class GradientTap:
         self.applied_recorders = []
         self._entered = None
         self.replicas = self.local_replicas = 1
+        check_optimizer(optimizer)
         if keras.backend.backend() != "tensorflow":
             return
         strategy = (strategy or internals.strategy_of(self.layout.base)

@@ -55,10 +55,10 @@ def _reference(model, weights, x, y, loss_fn):
             model.trainable_variables]
 
 
-def _compare(name, build, x, y, loss="sparse_categorical_crossentropy", steps=4):
+def _compare(name, build, x, y, loss="sparse_categorical_crossentropy", steps=4, **compile_kw):
     keras.utils.set_random_seed(0)
     model = build()
-    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=loss)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=loss, **compile_kw)
     variables_before = len(model.optimizer.variables) if model.optimizer.built else None
     logger, weights = GradNormLogger(include_biases=True), _Weights()
     model.fit(x[:steps * BATCH], y[:steps * BATCH], batch_size=BATCH, epochs=1, shuffle=False,
@@ -83,6 +83,27 @@ def _compare(name, build, x, y, loss="sparse_categorical_crossentropy", steps=4)
         "optimizer_variables_same": (variables_before is None
                                      or len(model.optimizer.variables) == variables_before),
     }
+
+
+def _steps_per_execution(x, y, steps=4):
+    """The norms with steps_per_execution=2 against those of one step per call.
+
+    Keras calls the batch hooks once per execution, so the weights before
+    each step are not at hand here; the one-step-per-call run, checked
+    against autograd above, is the reference.
+    """
+    norms = []
+    for per_call in (1, 2):
+        keras.utils.set_random_seed(0)
+        model = _mlp()
+        model.compile(optimizer=keras.optimizers.SGD(0.1),
+                      loss="sparse_categorical_crossentropy", steps_per_execution=per_call)
+        logger = GradNormLogger(include_biases=True)
+        model.fit(x[:steps * BATCH], y[:steps * BATCH], batch_size=BATCH, shuffle=False,
+                  verbose=0, callbacks=[logger])
+        norms.append(logger.norms)
+    return {"steps": int(len(norms[1])),
+            "max_rel": float(np.max(np.abs(norms[1] - norms[0]) / np.abs(norms[0])))}
 
 
 def _mlp():
@@ -218,7 +239,17 @@ def main(tmp):
         _compare("frozen", _frozen, x6, y),
         _compare("lstm", _lstm, rng.normal(size=(32, 5, 3)).astype("float32"), y),
         _compare("embedding", _embedding, ids, y),
-    ], "tools": _tools_run(tmp), "refusals": _refusals(tmp)}
+    ]}
+    if BACKEND == "jax":  # Keras' PyTorch trainer takes steps_per_execution=1 only
+        result["steps_per_execution"] = _steps_per_execution(x6, y)
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        result["mixed_float16"] = _compare("mixed_float16", _mlp, x6, y)
+    except ValueError as e:  # refused before training (JAX)
+        result["mixed_float16"] = {"refused": str(e)}
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    result.update(tools=_tools_run(tmp), refusals=_refusals(tmp))
     print("RESULT " + json.dumps(result))
 
 

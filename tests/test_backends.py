@@ -51,6 +51,16 @@ def test_every_step_equals_the_backends_own_gradient(checked):
         assert model["max_rel"] <= 1e-5, model
         # The model is left as found: no patch, no variable added to the optimizer.
         assert not model["apply_left"] and model["optimizer_variables_same"], model
+    if backend == "jax":  # Keras' PyTorch trainer refuses steps_per_execution > 1 itself
+        spe = result["steps_per_execution"]
+        assert spe["steps"] == 4 and spe["max_rel"] <= 1e-5, spe
+    # mixed_float16: Keras wraps SGD in a LossScaleOptimizer; the recorded norms are
+    # the unscaled ones (the reference is the float16 model's gradient, unscaled).
+    mixed = result["mixed_float16"]
+    if backend == "jax":  # not yet: refused before training
+        assert "does not support a LossScaleOptimizer (mixed_float16) on JAX" in mixed["refused"]
+    else:
+        assert mixed["steps"] == 4 and mixed["max_rel"] <= 1e-2, mixed
     frozen = next(m for m in result["models"] if m["name"] == "frozen")
     assert frozen["keys"] == ["mlp/out/kernel", "mlp/out/bias"]  # the frozen layer is not recorded
 
