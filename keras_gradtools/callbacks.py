@@ -481,10 +481,10 @@ class GradNormLogger(keras.callbacks.Callback):
         epoch_rows = norms[start:]
         if not len(epoch_rows):
             return
+        with np.errstate(all="ignore"):
+            means = epoch_rows.mean(axis=0)
         history = getattr(self.model, "history", None)
         if history is not None and hasattr(history, "history"):
-            with np.errstate(all="ignore"):
-                means = epoch_rows.mean(axis=0)
             for key, mean in zip(self.keys, means):
                 history.history.setdefault(f"grad_norm/{key}", []).append(
                     float(mean)
@@ -499,8 +499,6 @@ class GradNormLogger(keras.callbacks.Callback):
                 except (TypeError, ValueError):
                     continue
                 self._epoch_history.setdefault(name, []).append(value)
-            with np.errstate(all="ignore"):
-                means = epoch_rows.mean(axis=0)
             for key, mean in zip(self.keys, means):
                 self._epoch_history.setdefault(f"grad_norm/{key}", []).append(
                     runs.json_float(mean))
