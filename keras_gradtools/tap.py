@@ -175,14 +175,6 @@ class GradientTap:
         for patch in reversed(patches):
             patch.exit()
 
-    def __enter__(self):
-        self.enter()
-        return self
-
-    def __exit__(self, *exc):
-        self.exit()
-        return False
-
     # ------------------------------------------------------------------
     # What the installed methods do (inside the traced step)
     # ------------------------------------------------------------------
