@@ -9,7 +9,7 @@ import warnings
 
 import numpy as np
 import keras
-import tensorflow as tf
+from keras_gradtools._tensorflow import tf
 
 from keras_gradtools import clipping
 from keras_gradtools import diagnose

@@ -2,9 +2,10 @@
 
 Each method is a function `grads -> grads` (or `(grads, variables) -> grads`,
 or, for the stateful ones, `(grads, state) -> (grads, state)` with the state a
-tuple of tensors), in the spirit of Optax. They run eagerly, inside
-`tf.function`, under `jit_compile=True` and on GPU. Presets only combine
-them:
+tuple of tensors), in the spirit of Optax. They are written with `keras.ops`
+and run on every backend: eagerly, inside `tf.function` (also with
+`jit_compile=True`), under `jax.jit`, on PyTorch, and on GPU. Presets only
+combine them:
 
 - `clipped_optimizer(name, clip=..., threshold=...)` returns a stock Keras
   optimizer configured with its own `clipnorm` / `clipvalue` /
@@ -25,12 +26,13 @@ them:
 import collections
 import functools
 
-import numpy as np
-import tensorflow as tf
 import keras
+import numpy as np
+from keras import ops
 
 from keras_gradtools import internals
 from keras_gradtools import norms as norms_lib
+from keras_gradtools._tensorflow import tf
 
 CLIP_METHODS = ("none", "value", "norm", "global_norm", "agc", "autoclip", "zclip")
 # Keras' own clipping arguments, the one place they are spelled.
@@ -41,16 +43,40 @@ _DEFAULT_THRESHOLD = {"value": 1.0, "norm": 1.0, "global_norm": 1.0, "agc": 0.01
 _WRAPPER_METHODS = ("value", "norm", "global_norm", "agc", "autoclip", "zclip")
 
 
+def _on_tensorflow():
+    return keras.backend.backend() == "tensorflow"
+
+
+def _is_sparse(g):
+    return _on_tensorflow() and isinstance(g, tf.IndexedSlices)
+
+
 def _map(fn, grads):
     out = []
     for g in grads:
         if g is None:
             out.append(None)
-        elif isinstance(g, tf.IndexedSlices):
+        elif _is_sparse(g):
             out.append(tf.IndexedSlices(fn(g.values), g.indices, g.dense_shape))
         else:
             out.append(fn(g))
     return out
+
+
+def _gradient_norm(g):
+    """The L2 norm of one gradient (float32 scalar); sparse TF gradients as their dense sum."""
+    if _on_tensorflow():
+        return norms_lib.gradient_norm(g)
+    return ops.sqrt(ops.sum(ops.square(ops.cast(g, "float32"))))
+
+
+def _dense(g):
+    return tf.convert_to_tensor(g) if _is_sparse(g) else g
+
+
+def _count_dtype():
+    # JAX runs without 64-bit integers unless asked; TF keeps the int64 it saved with.
+    return "int64" if _on_tensorflow() else "int32"
 
 
 def clip_by_value(grads, threshold):
@@ -71,7 +97,7 @@ def clip_by_value(grads, threshold):
     >>> [g.numpy().tolist() for g in clip_by_value([tf.constant([3.0, -0.5])], 1.0)]
     [[1.0, -0.5]]
     """
-    return _map(lambda g: tf.clip_by_value(g, -threshold, threshold), grads)
+    return _map(lambda g: ops.clip(g, -threshold, threshold), grads)
 
 
 def clip_by_norm(grads, threshold):
@@ -98,16 +124,21 @@ def clip_by_norm(grads, threshold):
         if g is None:
             out.append(None)
             continue
-        norm = norms_lib.gradient_norm(g)
-        scale = tf.cast(tf.minimum(1.0, threshold / tf.maximum(norm, 1e-30)), g.dtype)
-        out.append(_map(lambda v: v * scale, [g])[0])
+        norm = _gradient_norm(g)
+        scale = ops.minimum(1.0, threshold / ops.maximum(norm, 1e-30))
+        out.append(_map(lambda v: v * ops.cast(scale, v.dtype), [g])[0])
     return out
 
 
 def global_norm(grads):
     """The L2 norm of all gradients together (float32 scalar tensor)."""
-    norms = norms_lib.gradient_norms([g for g in grads if g is not None])
-    return tf.sqrt(tf.reduce_sum(tf.square(norms)))
+    present = [g for g in grads if g is not None]
+    if _on_tensorflow():
+        norms = norms_lib.gradient_norms(present)
+        return tf.sqrt(tf.reduce_sum(tf.square(norms)))
+    if not present:
+        return ops.zeros((), "float32")
+    return ops.sqrt(sum(ops.sum(ops.square(ops.cast(g, "float32"))) for g in present))
 
 
 def clip_by_global_norm(grads, threshold, norm=None):
@@ -131,8 +162,8 @@ def clip_by_global_norm(grads, threshold, norm=None):
     [0.6, 0.8]
     """
     norm = global_norm(grads) if norm is None else norm
-    scale = tf.minimum(1.0, tf.cast(threshold, tf.float32) / tf.maximum(norm, 1e-30))
-    return _map(lambda g: g * tf.cast(scale, g.dtype), grads)
+    scale = ops.minimum(1.0, ops.cast(threshold, "float32") / ops.maximum(norm, 1e-30))
+    return _map(lambda g: g * ops.cast(scale, g.dtype), grads)
 
 
 def unitwise_norm(x):
@@ -149,12 +180,12 @@ def unitwise_norm(x):
     Returns:
         A tensor of norms with `keepdims` shape.
     """
-    x = tf.cast(x, tf.float32)
-    rank = x.shape.rank
-    if rank is None or rank <= 1:
-        return tf.sqrt(tf.reduce_sum(tf.square(x), keepdims=True))
-    axes = list(range(rank - 1))
-    return tf.sqrt(tf.reduce_sum(tf.square(x), axis=axes, keepdims=True))
+    x = ops.cast(x, "float32")
+    rank = len(x.shape)
+    if rank <= 1:
+        return ops.sqrt(ops.sum(ops.square(x), keepdims=True))
+    axes = tuple(range(rank - 1))
+    return ops.sqrt(ops.sum(ops.square(x), axis=axes, keepdims=True))
 
 
 def adaptive_clip(grads, variables, clip_factor=0.01, eps=1e-3, skip=None):
@@ -192,31 +223,34 @@ def adaptive_clip(grads, variables, clip_factor=0.01, eps=1e-3, skip=None):
         if g is None or i in skip:
             out.append(g)
             continue
-        dense = tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g
-        w_norm = tf.maximum(unitwise_norm(tf.convert_to_tensor(v)), eps)
+        dense = _dense(g)
+        weight = v.value if isinstance(v, keras.Variable) else v
+        w_norm = ops.maximum(unitwise_norm(weight), eps)
         g_norm = unitwise_norm(dense)
         max_norm = w_norm * clip_factor
-        scale = tf.where(g_norm > max_norm, max_norm / tf.maximum(g_norm, 1e-6), 1.0)
-        out.append(dense * tf.cast(scale, dense.dtype))
+        scale = ops.where(g_norm > max_norm, max_norm / ops.maximum(g_norm, 1e-6), 1.0)
+        out.append(dense * ops.cast(scale, dense.dtype))
     return out
 
 
 def autoclip_init(history_size=10000):
     """AutoClip's initial state: `(history, count)`."""
-    return (tf.zeros([history_size], tf.float32), tf.constant(0, tf.int64))
+    return (ops.zeros((history_size,), "float32"), ops.zeros((), _count_dtype()))
 
 
 def _percentile(values, count, percentile):
     """NumPy's linear-interpolation percentile of the first `count` of `values`."""
     size = values.shape[0]
-    n = tf.minimum(count, size)
-    valid = tf.range(size, dtype=tf.int64) < n
-    ordered = tf.sort(tf.where(valid, values, tf.fill([size], np.inf)))
-    position = percentile / 100.0 * tf.cast(tf.maximum(n - 1, 0), tf.float32)
-    lo = tf.cast(tf.floor(position), tf.int64)
-    hi = tf.minimum(lo + 1, tf.maximum(n - 1, 0))
-    frac = position - tf.cast(lo, tf.float32)
-    low, high = tf.gather(ordered, lo), tf.gather(ordered, hi)
+    count = ops.cast(count, "int32")
+    n = ops.minimum(count, size)
+    valid = ops.arange(size, dtype="int32") < n
+    ordered = ops.sort(ops.where(valid, values, np.inf))
+    last = ops.maximum(n - 1, 0)
+    position = percentile / 100.0 * ops.cast(last, "float32")
+    lo = ops.cast(ops.floor(position), "int32")
+    hi = ops.minimum(lo + 1, last)
+    frac = position - ops.cast(lo, "float32")
+    low, high = ops.take(ordered, lo), ops.take(ordered, hi)
     return low + (high - low) * frac
 
 
@@ -243,9 +277,8 @@ def autoclip(grads, state, percentile=10.0):
     history, count = state
     norm = global_norm(grads)
     size = history.shape[0]
-    history = tf.tensor_scatter_nd_update(
-        history, tf.reshape(tf.math.floormod(count, size), [1, 1]), tf.reshape(norm, [1])
-    )
+    slot = ops.cast(ops.mod(count, size), "int32")
+    history = ops.scatter_update(history, ops.reshape(slot, (1, 1)), ops.reshape(norm, (1,)))
     count = count + 1
     threshold = _percentile(history, count, percentile)
     return clip_by_global_norm(grads, threshold, norm=norm), (history, count)
@@ -253,8 +286,8 @@ def autoclip(grads, state, percentile=10.0):
 
 def zclip_init():
     """ZClip's initial state: `(mean, var, count, warm_sum, warm_sumsq)`."""
-    zero = tf.constant(0.0, tf.float32)
-    return (zero, zero, tf.constant(0, tf.int64), zero, zero)
+    zero = ops.zeros((), "float32")
+    return (zero, zero, ops.zeros((), _count_dtype()), zero, zero)
 
 
 def zclip(grads, state, zscore=2.5, alpha=0.97, warmup=25):
@@ -285,27 +318,28 @@ def zclip(grads, state, zscore=2.5, alpha=0.97, warmup=25):
     """
     mean, var, count, warm_sum, warm_sumsq = state
     norm = global_norm(grads)
-    finite = tf.math.is_finite(norm)
+    finite = ops.isfinite(norm)
     in_warmup = count < warmup
-    std = tf.sqrt(tf.maximum(var, 0.0))
-    z = (norm - mean) / tf.maximum(std, 1e-12)
-    spike = tf.logical_and(tf.logical_not(in_warmup), z > zscore)
-    target = mean + (zscore * zscore / tf.maximum(z, 1e-12)) * std
-    applied = tf.where(spike, target, norm)
+    std = ops.sqrt(ops.maximum(var, 0.0))
+    z = (norm - mean) / ops.maximum(std, 1e-12)
+    spike = ops.logical_and(ops.logical_not(in_warmup), z > zscore)
+    target = mean + (zscore * zscore / ops.maximum(z, 1e-12)) * std
+    applied = ops.where(spike, target, norm)
     clipped = clip_by_global_norm(grads, applied, norm=norm)
     # Statistics: warm-up sums, then (at the last warm-up step) mean/var, then EMA.
-    warm_sum = tf.where(in_warmup & finite, warm_sum + norm, warm_sum)
-    warm_sumsq = tf.where(in_warmup & finite, warm_sumsq + norm * norm, warm_sumsq)
-    new_count = tf.where(finite, count + 1, count)
-    w = tf.cast(tf.maximum(warmup, 1), tf.float32)
+    warming = ops.logical_and(in_warmup, finite)
+    warm_sum = ops.where(warming, warm_sum + norm, warm_sum)
+    warm_sumsq = ops.where(warming, warm_sumsq + norm * norm, warm_sumsq)
+    new_count = ops.where(finite, count + 1, count)
+    w = float(max(warmup, 1))
     warm_mean = warm_sum / w
-    warm_var = tf.maximum(warm_sumsq / w - warm_mean * warm_mean, 0.0)
+    warm_var = ops.maximum(warm_sumsq / w - warm_mean * warm_mean, 0.0)
     ema_mean = alpha * mean + (1 - alpha) * applied
-    ema_var = alpha * var + (1 - alpha) * tf.square(applied - ema_mean)
-    ends_warmup = in_warmup & finite & tf.equal(new_count, warmup)
-    after = tf.logical_not(in_warmup) & finite
-    mean = tf.where(ends_warmup, warm_mean, tf.where(after, ema_mean, mean))
-    var = tf.where(ends_warmup, warm_var, tf.where(after, ema_var, var))
+    ema_var = alpha * var + (1 - alpha) * ops.square(applied - ema_mean)
+    ends_warmup = ops.logical_and(warming, ops.equal(new_count, warmup))
+    after = ops.logical_and(ops.logical_not(in_warmup), finite)
+    mean = ops.where(ends_warmup, warm_mean, ops.where(after, ema_mean, mean))
+    var = ops.where(ends_warmup, warm_var, ops.where(after, ema_var, var))
     return clipped, (mean, var, new_count, warm_sum, warm_sumsq)
 
 
@@ -373,13 +407,6 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
                 f"`clip` must be one of {', '.join(map(repr, _WRAPPER_METHODS))}. "
                 f"Received: clip={clip!r}"
             )
-        if keras.backend.backend() != "tensorflow":
-            raise ValueError(
-                "ClippedOptimizer (clip='agc', 'autoclip', 'zclip', or clipping the summed "
-                "gradient under tf.distribute) runs on the TensorFlow backend only for now; "
-                "clip='value', 'norm' and 'global_norm' work on every backend as Keras' own "
-                f"arguments. Received: clip={clip!r} on {keras.backend.backend()!r}"
-            )
         _check_no_keras_clipping(inner_optimizer, clip)
         threshold = _DEFAULT_THRESHOLD[clip] if threshold is None else float(threshold)
         _check_threshold(clip, threshold)
@@ -399,9 +426,11 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
         # optimizer, and clipping the sum means acting as it leaves it. The
         # hook is patched in while `apply` runs (every replica's, counted)
         # and taken out after: the inner optimizer is never changed for good.
-        self._clip_sum = internals.patch_all_reduce(
-            layout(inner_optimizer).base,
-            lambda all_reduce: functools.partial(self._reduce_and_clip, all_reduce))
+        self._clip_sum = None
+        if _on_tensorflow():
+            self._clip_sum = internals.patch_all_reduce(
+                layout(inner_optimizer).base,
+                lambda all_reduce: functools.partial(self._reduce_and_clip, all_reduce))
 
     def add_applied_hook(self, hook):
         """Calls `hook(clipped_grads, variables)` at every step, as it clips."""
@@ -430,11 +459,11 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
         self.last_applied_norm = add((), name="last_applied_norm")
         if self.clip == "autoclip":
             self.clip_history = add((self.history_size,), name="clip_history")
-            self.clip_count = add((), dtype="int64", name="clip_count")
+            self.clip_count = add((), dtype=_count_dtype(), name="clip_count")
         elif self.clip == "zclip":
             self.z_state = [add((), name=n)
                             for n in ("z_mean", "z_var", "z_warm_sum", "z_warm_sumsq")]
-            self.clip_count = add((), dtype="int64", name="clip_count")
+            self.clip_count = add((), dtype=_count_dtype(), name="clip_count")
         self.inner_optimizer.build(var_list)
         super().build(var_list)
 
@@ -563,6 +592,8 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
 
 
 def _replicas():
+    if not _on_tensorflow():
+        return 1  # keras.distribution (JAX) is refused before training: see tap.check_backend
     context = tf.distribute.get_replica_context()
     return context.num_replicas_in_sync if context is not None else (
         tf.distribute.get_strategy().num_replicas_in_sync)
@@ -654,7 +685,7 @@ def clipped_optimizer(optimizer="adam", learning_rate=1e-3, clip="norm", thresho
     wrapper_args = {k: kwargs.pop(k) for k in
                     ("eps", "history_size", "alpha", "warmup", "agc_skip_last_layer")
                     if k in kwargs}
-    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    replicas = _replicas()
     internals.check_replicas_supported(replicas)
     if clip in _KERAS_ARGUMENT and replicas > 1:
         threshold = _DEFAULT_THRESHOLD[clip] if threshold is None else float(threshold)

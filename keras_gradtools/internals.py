@@ -67,12 +67,18 @@ def check_versions():
             "keras_gradtools needs Keras >= 3.3.0 (tested on 3.3.3 and 3.15.1); "
             f"upgrade with `pip install -U keras`. Received: keras=={keras.__version__}"
         )
-    import tensorflow as tf
+    if keras.backend.backend() != "tensorflow":
+        return  # JAX and PyTorch run without TensorFlow
+    from importlib import metadata
 
-    if _version(tf.__version__) < MINIMUM_TENSORFLOW:
+    try:
+        tf_version = metadata.version("tensorflow")
+    except metadata.PackageNotFoundError:
+        return  # a TensorFlow build under another name: Keras imported it already
+    if _version(tf_version) < MINIMUM_TENSORFLOW:
         raise ImportError(
             "keras_gradtools needs TensorFlow >= 2.16.0 (tested on 2.16.2 and 2.21.0); "
-            f"upgrade with `pip install -U tensorflow`. Received: tensorflow=={tf.__version__}"
+            f"upgrade with `pip install -U tensorflow`. Received: tensorflow=={tf_version}"
         )
 
 
@@ -272,9 +278,11 @@ def variable_handles(variable):
     A Keras variable on TensorFlow wraps a `tf.Variable` (`variable.value`);
     inside `apply` either may be handed over.
     """
+    handles = [variable]
+    if keras.backend.backend() != "tensorflow":
+        return handles
     import tensorflow as tf
 
-    handles = [variable]
     value = getattr(variable, "value", None)
     if isinstance(value, tf.Variable):
         handles.append(value)

@@ -1,7 +1,7 @@
 """`GradNormModel`: a `keras.Model` whose own train step records gradient norms."""
 
 import keras
-import tensorflow as tf
+from keras_gradtools._tensorflow import tf
 
 from keras_gradtools import clipping
 from keras_gradtools import internals

@@ -5,8 +5,10 @@ and returns tensors or plain Python values, so it can run inside a compiled
 train step (`tf.function`, `jit_compile=True`) as well as eagerly.
 """
 
+import keras
 import numpy as np
-import tensorflow as tf
+
+from keras_gradtools._tensorflow import tf
 
 
 def variable_key(variable):
@@ -86,7 +88,7 @@ def select_variables(variables, include_biases=False):
         if id(variable) in seen:
             continue
         seen.add(id(variable))
-        if not tf.as_dtype(variable.dtype).is_floating:
+        if "float" not in keras.backend.standardize_dtype(variable.dtype):
             continue
         if getattr(variable, "overwrite_with_gradient", False):
             continue

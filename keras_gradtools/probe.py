@@ -1,7 +1,7 @@
 """The article's per-epoch probe, fixed: gradient norms over a whole data set."""
 
 import numpy as np
-import tensorflow as tf
+from keras_gradtools._tensorflow import tf
 
 from keras_gradtools import internals
 from keras_gradtools import norms as norms_lib

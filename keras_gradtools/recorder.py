@@ -1,7 +1,8 @@
 """The ring buffer: per-step gradient norms written inside the train step, read on the host.
 
-A `GradNormRecorder` keeps a ring buffer of per-step norms in TF variables
-that the compiled train step writes (`record`, or `step_norms` then
+A `GradNormRecorder` keeps a ring buffer of per-step norms in device
+variables (TF variables on TensorFlow, Keras variables written with
+`keras.ops` on JAX and PyTorch) that the compiled train step writes (`record`, or `step_norms` then
 `write`); the host copies the new rows into a growing host-side store
 (`flush`) on its own schedule, so recording costs no host round trip per
 step. Reading (`norms`, `history`, `global_norms`, `skipped`,
@@ -15,9 +16,11 @@ Who feeds a recorder lives in `keras_gradtools.tap` (the optimizer's
 step), or a custom loop calls `record` itself.
 """
 
+import warnings
+
 import keras
 import numpy as np
-import tensorflow as tf
+from keras_gradtools._tensorflow import tf
 from keras import ops
 
 from keras_gradtools import internals
@@ -41,7 +44,7 @@ class GradNormRecorder:
     (also under `tf.distribute`); on JAX and PyTorch it is a pair of Keras
     variables written with `keras.ops` (`device_variables`: on JAX they
     must be part of the optimizer's state while training, which
-    `GradNormLogger` arranges). Gradient histograms need TensorFlow.
+    `GradNormLogger` arranges).
 
     Args:
         variables: the variables whose gradients may be recorded, e.g.
@@ -95,16 +98,19 @@ class GradNormRecorder:
         # How the host reads the device variables (JAX: from the trainer's state).
         self.read_values = lambda variables: [v.value for v in variables]
         if not self._tf:
-            if self.histogram_freq:
-                raise ValueError(
-                    "Gradient histograms need the TensorFlow backend for now. Received: "
-                    f"histogram_freq={histogram_freq} on {keras.backend.backend()!r}"
-                )
             # One column per variable, then the step's "skipped" flag.
             self._buffer = keras.Variable(np.zeros((capacity, width + 1), "float32"),
                                           trainable=False, name="gradtools_norms")
             self._count = keras.Variable(0, dtype="int32", trainable=False,
                                          name="gradtools_count")
+            if self.histogram_freq:
+                slots = capacity // self.histogram_freq + 2
+                self._hist = keras.Variable(
+                    np.zeros((slots, width, self.histogram_buckets, 3), "float32"),
+                    trainable=False, name="gradtools_histograms")
+                self._hist_steps = keras.Variable(np.full((slots,), -1, "int32"),
+                                                  trainable=False,
+                                                  name="gradtools_histogram_steps")
             self.reset()
             return
         self._buffer = internals.local_variable(tf.zeros([capacity, width + 1], tf.float32),
@@ -129,7 +135,8 @@ class GradNormRecorder:
         """
         self._count.assign(0)
         if self.histogram_freq:
-            self._hist_steps.assign(tf.fill(tf.shape(self._hist_steps), tf.constant(-1, tf.int64)))
+            self._hist_steps.assign(np.full(self._hist_steps.shape, -1,
+                                            "int64" if self._tf else "int32"))
         self._store = _RowStore(len(self.keys))
         self._hist_store = []
         self._hist_next = 0
@@ -137,6 +144,8 @@ class GradNormRecorder:
     @property
     def device_variables(self):
         """The variables the train step writes (JAX: to carry in the optimizer's state)."""
+        if self.histogram_freq:
+            return [self._buffer, self._count, self._hist, self._hist_steps]
         return [self._buffer, self._count]
 
     # ------------------------------------------------------------------
@@ -195,7 +204,10 @@ class GradNormRecorder:
         slots = self._slots(gradients, variables)
         values = []
         if not self._tf:
-            return self._ops_norms(slots, scale, shared)
+            norms = self._ops_norms(slots, scale, shared)
+            if self.histogram_freq:
+                self._ops_write_histograms(slots, scale)
+            return norms
         for gradient in slots:
             if gradient is None:
                 values.append(tf.constant(0.0, tf.float32))
@@ -230,6 +242,25 @@ class GradNormRecorder:
         if scale is not None:
             norms = norms / ops.cast(scale, "float32")
         return norms
+
+    def _ops_write_histograms(self, slots, scale):
+        """`_write_histograms` with `keras.ops`: computed on the histogram steps only."""
+        step = self._count.value
+        hist, hist_steps = self._hist.value, self._hist_steps.value
+
+        def write():
+            rows = ops.stack([_ops_histogram(gradient, variable, scale, self.histogram_buckets)
+                              for gradient, variable in zip(slots, self.variables)]
+                             or [ops.zeros((self.histogram_buckets, 3))])
+            slot = ops.reshape(ops.mod(step // self.histogram_freq, hist_steps.shape[0]),
+                               (1, 1))
+            return (ops.scatter_update(hist, slot, ops.expand_dims(rows, 0)),
+                    ops.scatter_update(hist_steps, slot, ops.reshape(step, (1,))))
+
+        due = ops.equal(ops.mod(step, self.histogram_freq), 0)
+        hist, hist_steps = ops.cond(due, write, lambda: (hist, hist_steps))
+        self._hist.assign(hist)
+        self._hist_steps.assign(hist_steps)
 
     def write(self, norms, skipped=None):
         """Writes an already computed norm vector as the next step's row.
@@ -311,15 +342,16 @@ class GradNormRecorder:
     # Host side
     # ------------------------------------------------------------------
 
-    def _device_count(self):
+    def _device_values(self, variable):
         if self._tf:
-            return int(self._count.numpy())
-        return int(ops.convert_to_numpy(self.read_values([self._count])[0]))
+            return variable.numpy()
+        return ops.convert_to_numpy(self.read_values([variable])[0])
+
+    def _device_count(self):
+        return int(self._device_values(self._count))
 
     def _device_buffer(self):
-        if self._tf:
-            return self._buffer.numpy()
-        return ops.convert_to_numpy(self.read_values([self._buffer])[0])
+        return self._device_values(self._buffer)
 
     @property
     def steps_recorded(self):
@@ -345,10 +377,10 @@ class GradNormRecorder:
         full = self._device_buffer().astype(np.float64)
         lost = max(0, new - self.capacity)
         if lost:
-            tf.get_logger().warning(
+            warnings.warn(
                 f"keras_gradtools: {lost} steps were overwritten before they "
                 f"were read (capacity={self.capacity}); they are recorded as "
-                "NaN. Flush more often or raise `capacity`."
+                "NaN. Flush more often or raise `capacity`.", stacklevel=2
             )
         rows = np.arange(count - (new - lost), count) % self.capacity
         chunk = np.concatenate(
@@ -395,13 +427,13 @@ class GradNormRecorder:
         """
         if not self.histogram_freq:
             return []
-        steps = self._hist_steps.numpy()
+        steps = self._device_values(self._hist_steps)
         data = None
         for slot in np.argsort(steps):
             step = int(steps[slot])
             if step < self._hist_next:
                 continue
-            data = self._hist.numpy() if data is None else data
+            data = self._device_values(self._hist) if data is None else data
             self._hist_store.append(
                 (step, {k: data[slot, i].copy() for i, k in enumerate(self.keys)}))
             self._hist_next = step + 1
@@ -445,6 +477,28 @@ def _read_only(view):
     view = view.view()
     view.flags.writeable = False
     return view
+
+
+def _ops_histogram(gradient, variable, scale, buckets):
+    """`_histogram` with `keras.ops` (JAX, PyTorch)."""
+    if gradient is None:
+        values = ops.zeros((int(np.prod(variable.shape)),), "float32")
+    else:
+        values = ops.reshape(ops.cast(gradient, "float32"), (-1,))
+    if scale is not None:
+        values = values / ops.cast(scale, "float32")
+    finite = ops.isfinite(values)
+    lo = ops.min(ops.where(finite, values, np.inf))
+    hi = ops.max(ops.where(finite, values, -np.inf))
+    lo = ops.where(ops.isfinite(lo), lo, 0.0)
+    hi = ops.where(ops.isfinite(hi), hi, 0.0)
+    width = hi - lo
+    position = ops.where(width > 0, (values - lo) / ops.maximum(width, 1e-30) * buckets, 0.0)
+    position = ops.where(finite, position, 0.0)
+    ids = ops.clip(ops.cast(ops.floor(position), "int32"), 0, buckets - 1)
+    counts = ops.segment_sum(ops.cast(finite, "float32"), ids, num_segments=buckets)
+    edges = lo + width * ops.arange(buckets + 1, dtype="float32") / buckets
+    return ops.stack([edges[:-1], edges[1:], counts], axis=1)
 
 
 def _histogram(gradient, variable, scale, buckets):

@@ -27,7 +27,7 @@ optimizer's state) to `_Instrumentation.adopt`.
 import functools
 
 import keras
-import tensorflow as tf
+from keras_gradtools._tensorflow import tf
 from keras import ops
 
 from keras_gradtools import clipping

@@ -34,12 +34,17 @@ def checked(request, tmp_path_factory):
     if not _available(backend):
         pytest.skip(f"{backend} is not installed")
     tmp = tmp_path_factory.mktemp(backend)
+    return backend, str(tmp), _run("backend_checks.py", backend, tmp)
+
+
+def _run(script, backend, tmp):
+    """Runs one check script in a fresh process on `backend`; its RESULT as a dict."""
     env = dict(os.environ, KERAS_BACKEND=backend)
-    out = subprocess.run([sys.executable, os.path.join(HERE, "backend_checks.py"), str(tmp)],
+    out = subprocess.run([sys.executable, os.path.join(HERE, script), str(tmp)],
                          capture_output=True, text=True, timeout=600, env=env)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     assert lines, out.stderr[-3000:]
-    return backend, str(tmp), json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT "):])
 
 
 def test_every_step_equals_the_backends_own_gradient(checked):
@@ -85,6 +90,21 @@ def test_clipping_history_tensorboard_and_run_dir(checked):
     assert [e.step for e in events] == list(range(1, 17))
     np.testing.assert_allclose([float(tensor_util.make_ndarray(e.tensor_proto)) for e in events],
                                norms[:, 1], rtol=1e-6)
+    # Histograms every 5 steps, computed in the train step with keras.ops: the
+    # gradient's range and NumPy's bucket counts over it (the autograd gradient).
+    assert sorted(map(int, tools["histograms"])) == [0, 5, 10, 15]
+    for step, buckets in tools["histograms"].items():
+        buckets, grad = np.array(buckets), np.array(tools["histogram_reference"][step])
+        assert buckets.shape == (30, 3)
+        np.testing.assert_allclose(buckets[[0, -1], [0, 1]], [grad.min(), grad.max()],
+                                   rtol=1e-5, atol=1e-7)
+        counts, _ = np.histogram(grad, bins=30, range=(grad.min(), grad.max()))
+        assert buckets[:, 2].sum() == grad.size
+        assert np.abs(buckets[:, 2] - counts).max() <= 1  # a value on an edge may move over
+    hist = ea.Tensors("grad_hist/mlp/out/kernel")
+    assert [e.step for e in hist] == [1, 6, 11, 16]
+    np.testing.assert_allclose(tensor_util.make_ndarray(hist[1].tensor_proto),
+                               tools["histograms"]["5"], rtol=1e-6)
     # The run directory holds the same recording and History.
     run = load_run(os.path.join(tmp, "run"))
     np.testing.assert_allclose(run.norms, norms, rtol=1e-12)
@@ -93,13 +113,33 @@ def test_clipping_history_tensorboard_and_run_dir(checked):
     assert run.findings == tools["findings"]
 
 
+@pytest.fixture(scope="module", params=["jax", "torch"])
+def clipped(request, tmp_path_factory):
+    backend = request.param
+    if not _available(backend):
+        pytest.skip(f"{backend} is not installed")
+    return _run("clipping_checks.py", backend, tmp_path_factory.mktemp(f"clip_{backend}"))
+
+
+def test_clipping_presets_clip_as_numpy_does_and_resume(clipped):
+    """Every preset's update under plain SGD equals -lr * (NumPy-clipped autograd gradient)."""
+    assert not clipped["tensorflow_imported"]  # ran with TensorFlow unimportable
+    presets = {m["method"]: m for m in clipped["presets"]}
+    assert list(presets) == ["none", "value", "norm", "global_norm", "agc", "autoclip", "zclip"]
+    for m in clipped["presets"] + clipped["wrappers"]:
+        assert m["max_rel"] <= 1e-5 and m["max_rel_applied"] <= 1e-5, m
+        # The thresholds were chosen so that every method clips at some step.
+        assert (m["clipped_steps"] > 0) == (m["method"] != "none"), m
+    assert {presets[m]["type"] for m in ("agc", "autoclip", "zclip")} == {"ClippedOptimizer"}
+    assert {m["type"] for m in clipped["wrappers"]} == {"ClippedOptimizer"}
+    # Saved after 3 steps, loaded, 3 more: the same weights as 6 steps in one go.
+    for m in clipped["resume"]:
+        assert m["type"] == "ClippedOptimizer" and m["max_diff"] == 0.0, m
+
+
 def test_what_is_not_there_yet_is_refused_before_training(checked):
     backend, tmp, result = checked
     refusals = result["refusals"]
-    assert "need the TensorFlow backend" in refusals["histograms"]
-    assert refusals["histograms_steps"] == 0  # refused in on_train_begin, before a step
-    assert not os.path.exists(os.path.join(tmp, "hist"))  # and nothing written
-    assert "TensorFlow backend only" in refusals["zclip"] and f"'{backend}'" in refusals["zclip"]
     for name in ("recording", "gradnorm_model"):
         assert "runs on the tensorflow backend" in refusals[name], refusals[name]
         assert f"backend()='{backend}'" in refusals[name]
