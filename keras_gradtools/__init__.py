@@ -1,61 +1,55 @@
-"""keras_gradtools: find and fix vanishing and exploding gradients in Keras 3."""
+"""keras_gradtools: find and fix vanishing and exploding gradients in Keras 3.
 
-from keras_gradtools import internals as _internals
+The names below are imported on first use, and Keras with them: importing
+the package alone does not import Keras, so that `gradtools --backend jax`
+(or any program) can still choose the Keras backend. The first name used
+checks the Keras and TensorFlow versions (`keras_gradtools.internals`).
+"""
 
-_internals.check_versions()
-
-from keras_gradtools.callbacks import GradNormLogger
-from keras_gradtools.callbacks import GradientMonitor
-from keras_gradtools.callbacks import GradientProblemError
-from keras_gradtools.clipping import ClippedOptimizer
-from keras_gradtools.clipping import clipped_optimizer
-from keras_gradtools.clipping import loss_scale_of
-from keras_gradtools.data import load_mnist
-from keras_gradtools.diagnose import Finding
-from keras_gradtools.diagnose import Report
-from keras_gradtools.diagnose import diagnose_norms
-from keras_gradtools.models import ResNetBlock
-from keras_gradtools.models import create_deep_linear_model
-from keras_gradtools.models import create_deep_sigmoid_model
-from keras_gradtools.models import resnet_model
-from keras_gradtools.norms import gradient_norm
-from keras_gradtools.norms import gradient_norms
-from keras_gradtools.norms import global_norm
-from keras_gradtools.norms import is_bias
-from keras_gradtools.norms import variable_key
-from keras_gradtools.probe import compute_weight_gradient_norms
-from keras_gradtools.model import GradNormModel
-from keras_gradtools.recorder import GradNormRecorder
-from keras_gradtools.tap import instrument_model
-from keras_gradtools.tap import is_chief
-from keras_gradtools.tap import recording
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ClippedOptimizer",
-    "Finding",
-    "GradNormLogger",
-    "GradientMonitor",
-    "GradientProblemError",
-    "clipped_optimizer",
-    "Report",
-    "ResNetBlock",
-    "create_deep_linear_model",
-    "create_deep_sigmoid_model",
-    "diagnose_norms",
-    "load_mnist",
-    "resnet_model",
-    "GradNormModel",
-    "GradNormRecorder",
-    "compute_weight_gradient_norms",
-    "global_norm",
-    "gradient_norm",
-    "gradient_norms",
-    "instrument_model",
-    "is_bias",
-    "is_chief",
-    "loss_scale_of",
-    "recording",
-    "variable_key",
-]
+_EXPORTS = {
+    "clipped_optimizer": "keras_gradtools.clipping",
+    "ClippedOptimizer": "keras_gradtools.clipping",
+    "compute_weight_gradient_norms": "keras_gradtools.probe",
+    "create_deep_linear_model": "keras_gradtools.models",
+    "create_deep_sigmoid_model": "keras_gradtools.models",
+    "diagnose_norms": "keras_gradtools.diagnose",
+    "Finding": "keras_gradtools.diagnose",
+    "global_norm": "keras_gradtools.norms",
+    "gradient_norm": "keras_gradtools.norms",
+    "gradient_norms": "keras_gradtools.norms",
+    "GradientMonitor": "keras_gradtools.callbacks",
+    "GradientProblemError": "keras_gradtools.callbacks",
+    "GradNormLogger": "keras_gradtools.callbacks",
+    "GradNormModel": "keras_gradtools.model",
+    "GradNormRecorder": "keras_gradtools.recorder",
+    "instrument_model": "keras_gradtools.tap",
+    "is_bias": "keras_gradtools.norms",
+    "is_chief": "keras_gradtools.tap",
+    "load_mnist": "keras_gradtools.data",
+    "loss_scale_of": "keras_gradtools.clipping",
+    "recording": "keras_gradtools.tap",
+    "Report": "keras_gradtools.diagnose",
+    "resnet_model": "keras_gradtools.models",
+    "ResNetBlock": "keras_gradtools.models",
+    "variable_key": "keras_gradtools.norms",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'keras_gradtools' has no attribute {name!r}")
+    importlib.import_module("keras_gradtools.internals")  # checks the versions
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

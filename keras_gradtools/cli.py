@@ -5,17 +5,48 @@ import sys
 
 import click
 
-from keras_gradtools import experiments
+from keras_gradtools import cases
+
+BACKENDS = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}  # backend -> package
+
+
+def _select_backend(ctx, param, value):
+    """`--backend`: sets KERAS_BACKEND before anything imports Keras."""
+    if value is None:
+        return None
+    import importlib.util
+
+    if importlib.util.find_spec(BACKENDS[value]) is None:
+        extra = "" if value == "tensorflow" else f"[{value}]"
+        raise click.BadParameter(
+            f"the {value} backend needs the {BACKENDS[value]} package: "
+            f"pip install 'keras_gradtools{extra}'", ctx=ctx, param=param)
+    keras = sys.modules.get("keras")
+    if keras is not None and hasattr(keras, "backend") and keras.backend.backend() != value:
+        raise click.BadParameter(
+            f"Keras is already running on {keras.backend.backend()!r} in this process; the "
+            "backend is fixed when Keras is imported", ctx=ctx, param=param)
+    os.environ["KERAS_BACKEND"] = value
+    return value
+
+
+def backend_option(f):
+    """`--backend tensorflow|jax|torch`, applied before any other option is read."""
+    return click.option(
+        "--backend", type=click.Choice(sorted(BACKENDS)), default=None, is_eager=True,
+        expose_value=False, callback=_select_backend,
+        help="The Keras backend to train on (default: the KERAS_BACKEND variable, else "
+        "Keras' own setting, tensorflow).")(f)
 
 
 def _parse_cases(value):
-    names = list(experiments.CASES) if value == "all" else [
+    names = list(cases.CASES) if value == "all" else [
         v.strip() for v in value.split(",") if v.strip()
     ]
     for name in names:
-        if name not in experiments.CASES:
+        if name not in cases.CASES:
             raise click.BadParameter(
-                f"unknown case {name!r}; choose from all, {', '.join(experiments.CASES)}",
+                f"unknown case {name!r}; choose from all, {', '.join(cases.CASES)}",
                 param_hint="--case",
             )
     return names
@@ -25,7 +56,7 @@ def reproduce_options(f):
     """The options shared by `gradtools reproduce` and `scripts/reproduce_article.py`."""
     options = [
         click.option("--case", "case", default="all", show_default=True,
-                     help="all, or one or more of: " + ", ".join(experiments.CASES)
+                     help="all, or one or more of: " + ", ".join(cases.CASES)
                      + " (comma-separated)."),
         click.option("--epochs", type=click.IntRange(min=1), default=None,
                      help="Epochs (default: the case's, 10)."),
@@ -58,8 +89,7 @@ def reproduce_options(f):
 def run_reproduce(case, epochs, batch_size, seed, seeds, subset, data_source, out_dir, quiet,
                   clip=None):
     """Runs the chosen cases, prints progress and the table; returns the results."""
-    import tensorflow as tf
-
+    from keras_gradtools import experiments
     from keras_gradtools.clipping import parse_clip
 
     if clip is not None:
@@ -80,9 +110,12 @@ def run_reproduce(case, epochs, batch_size, seed, seeds, subset, data_source, ou
     ]
     if seeds is None and seed is not None:
         seed_list = [seed]
-    gpus = tf.config.list_logical_devices("GPU")
-    click.echo(f"Training on {gpus[0].name if gpus else '/device:CPU:0'}"
-               f"{'' if gpus else ' (no GPU visible)'}", err=True)
+    import keras
+
+    device = experiments.device_name()
+    click.echo(f"Training on {device} with Keras {keras.__version__} on "
+               f"{keras.backend.backend()}{'' if 'GPU' in device else ' (no GPU visible)'}",
+               err=True)
     results = []
     for name in names:
         for s in seed_list:
@@ -113,12 +146,14 @@ def run_reproduce(case, epochs, batch_size, seed, seeds, subset, data_source, ou
 
 @click.group()
 @click.version_option(package_name="keras_gradtools")
+@backend_option
 def main():
     """keras_gradtools: find and fix vanishing and exploding gradients in Keras."""
 
 
 @main.command()
 @reproduce_options
+@backend_option
 def reproduce(**kwargs):
     """Reproduce the article's experiments on MNIST (vanishing, resnet, exploding, clipped)."""
     run_reproduce(**kwargs)
@@ -214,6 +249,7 @@ def compare(run_dirs, out_dir):
               help="A Keras loss name, for a model saved without one.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@backend_option
 def check(model_path, data_source, loss, batch_size, as_json):
     """Pre-flight check of a saved model: gradient norms at initialization, one batch."""
     import keras

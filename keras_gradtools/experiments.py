@@ -27,6 +27,9 @@ import numpy as np
 import keras
 
 from keras_gradtools import data as data_lib
+from keras_gradtools.cases import CASES  # noqa: F401  (re-exported)
+from keras_gradtools.cases import Case  # noqa: F401
+from keras_gradtools.cases import get_case
 from keras_gradtools import models as models_lib
 from keras_gradtools import plots
 from keras_gradtools.callbacks import GradNormLogger
@@ -37,76 +40,11 @@ from keras_gradtools.clipping import parse_clip
 from keras_gradtools.callbacks import GradientMonitor
 
 
-@dataclasses.dataclass(frozen=True)
-class Case:
-    """One of the article's experiments.
-
-    Args:
-        name: the case's name (`vanishing`, `resnet`, `exploding`, `clipped`).
-        title: one line for people.
-        model: the builder: `deep_sigmoid`, `deep_linear` or `resnet`.
-        optimizer: keyword arguments of `keras.optimizers.Adam`.
-        epochs: epochs. Defaults to `10`.
-        batch_size: batch size. Defaults to `32`.
-        seed: the seed for weights and shuffling. Defaults to `0`.
-    """
-
-    name: str
-    title: str
-    model: str
-    optimizer: dict
-    epochs: int = 10
-    batch_size: int = 32
-    seed: int = 0
-
-    @property
-    def image_input(self):
-        return self.model == "resnet"
-
-
-CASES = {
-    "vanishing": Case(
-        "vanishing", "Deep sigmoid MLP (1 + 10 x 256): gradients vanish",
-        "deep_sigmoid", {"learning_rate": 1e-3},
-    ),
-    "resnet": Case(
-        "resnet", "ResNet (ReLU, He init, batch norm, shortcuts): the fix",
-        "resnet", {"learning_rate": 1e-3},
-    ),
-    "exploding": Case(
-        "exploding", "Deep linear MLP (1 + 20 x 256), Adam: gradients explode",
-        "deep_linear", {"learning_rate": 1e-3},
-    ),
-    "clipped": Case(
-        "clipped", "Deep linear MLP, Adam(clipnorm=1.0): clipping tames it",
-        "deep_linear", {"learning_rate": 1e-3, "clipnorm": 1.0},
-    ),
-}
-
 _BUILDERS = {
     "deep_sigmoid": models_lib.create_deep_sigmoid_model,
     "deep_linear": models_lib.create_deep_linear_model,
     "resnet": models_lib.resnet_model,
 }
-
-
-def get_case(name):
-    """Returns the `Case` called `name`.
-
-    Args:
-        name: one of `CASES`.
-
-    Returns:
-        The `Case`.
-
-    Raises:
-        ValueError: for an unknown name, listing the known ones.
-    """
-    if name not in CASES:
-        raise ValueError(
-            f"Unknown case. Choose one of {', '.join(CASES)}. Received: case={name!r}"
-        )
-    return CASES[name]
 
 
 def claim_run_dir(out_dir, prefix):
@@ -190,8 +128,20 @@ def _finite_max(values):
     return float(values.max()) if values.size else float("nan")
 
 
-def _device_name():
-    """The device the train step runs on: the first GPU if one is visible."""
+def device_name():
+    """The device the train step runs on: the first GPU if one is visible, on any backend."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        device = jax.devices()[0]
+        return f"{device.platform.upper()}:{device.id} ({device.device_kind})"
+    if backend == "torch":
+        import torch
+
+        if torch.cuda.is_available():
+            return f"GPU:0 ({torch.cuda.get_device_name(0)})"
+        return "CPU"
     import tensorflow as tf
 
     gpus = tf.config.list_logical_devices("GPU")
@@ -372,7 +322,7 @@ def run_experiment(
         max_raw_global_norm=_finite_max(logger.global_norms),
         max_applied_global_norm=(_finite_max(logger.applied_global_norms)
                                  if logger.applied_recorder is not None else None),
-        device=_device_name(),
+        device=device_name(),
     )
     summary.update(case=case.name, wall_time_s=wall,
                    steps=int(len(logger.norms)),

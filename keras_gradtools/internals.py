@@ -312,12 +312,14 @@ def compute_loss(model, x, y, y_pred, sample_weight, training=True):
 
 def track_loss(model, loss, x):
     """Updates the model's `loss` metric with one step's loss, as Keras does."""
-    import tensorflow as tf
-
     try:
         from keras.src.losses.loss import unscale_loss_for_distribution
     except ImportError:  # older Keras: the loss is not scaled for distribution
         def unscale_loss_for_distribution(value):
             return value
-    batch = tf.shape(next(i for i in tf.nest.flatten(x) if i is not None))[0]
+    batch = keras.ops.shape(next(i for i in keras.tree.flatten(x) if i is not None))[0]
     model._loss_tracker.update_state(unscale_loss_for_distribution(loss), sample_weight=batch)
+
+
+# Any use of the package imports this module first: too old a Keras stops here.
+check_versions()

@@ -76,6 +76,8 @@ class GradNormModel(keras.Model):
         return ordered_after(shared, gradients)
 
     def train_step(self, data):
+        if keras.backend.backend() == "torch":
+            return self._torch_train_step(data)
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
 
         # Forward pass
@@ -94,8 +96,27 @@ class GradNormModel(keras.Model):
         self.optimizer.apply(gradients, trainable_variables)
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
+    def _torch_train_step(self, data):
+        """Keras' PyTorch train step, with the recording between backward and update."""
+        import torch
+
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        self.zero_grad()
+        y_pred = internals.forward(self, x)
+        loss = internals.compute_loss(self, x, y, y_pred, sample_weight)
+        internals.track_loss(self, loss, x)
+        scaled_loss = self.optimizer.scale_loss(loss)
+        if self.trainable_weights:
+            scaled_loss.backward()
+            trainable_variables = self.trainable_weights
+            gradients = [v.value.grad for v in trainable_variables]
+            with torch.no_grad():
+                gradients = self.record_gradient_norms(gradients, trainable_variables)
+                self.optimizer.apply(gradients, trainable_variables)
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
     def fit(self, *args, callbacks=None, **kwargs):
-        tap.check_backend("GradNormModel", ("tensorflow",))
+        tap.check_backend("GradNormModel", ("tensorflow", "torch"), tap.JAX_HINT)
         # Recorders of an earlier fit() that ended in an exception.
         del self.gradtools_recorders[:]
         callbacks = list(callbacks or [])

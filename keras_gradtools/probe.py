@@ -1,6 +1,8 @@
 """The article's per-epoch probe, fixed: gradient norms over a whole data set."""
 
+import keras
 import numpy as np
+
 from keras_gradtools._tensorflow import tf
 
 from keras_gradtools import internals
@@ -69,41 +71,100 @@ def compute_weight_gradient_norms(
             "The model must be compiled with a loss before its gradients "
             f"can be probed. Received: model={model.name!r}"
         )
-    n = len(tf.nest.flatten(x)[0])
+    n = len(keras.tree.flatten(x)[0])
     if n == 0:
         raise ValueError("`x` must hold at least one sample. Received: len(x)=0")
-    if len(tf.nest.flatten(y)[0]) != n:
+    if len(keras.tree.flatten(y)[0]) != n:
         raise ValueError(
             "`x` and `y` must hold the same number of samples. "
-            f"Received: len(x)={n}, len(y)={len(tf.nest.flatten(y)[0])}"
+            f"Received: len(x)={n}, len(y)={len(keras.tree.flatten(y)[0])}"
         )
     variables = norms_lib.select_variables(
         model.trainable_variables, include_biases
     )
     keys = norms_lib.unique_keys(variables)
 
-    @tf.function(reduce_retracing=True)
-    def batch_gradients(xb, yb):
-        with tf.GradientTape() as tape:
-            y_pred = model(xb, training=training)
-            loss = internals.compute_loss(model, xb, yb, y_pred, None, training=training)
-        grads = tape.gradient(loss, variables)
-        return [
-            tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)
-            for g, v in zip(grads, variables)
-        ]
+    batch_gradients = _gradient_function(model, variables, training)
 
     total = [np.zeros(v.shape, np.float64) for v in variables]
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
-        xb = tf.nest.map_structure(lambda a: a[start:stop], x)
-        yb = tf.nest.map_structure(lambda a: a[start:stop], y)
+        xb = keras.tree.map_structure(lambda a: a[start:stop], x)
+        yb = keras.tree.map_structure(lambda a: a[start:stop], y)
         weight = (stop - start) / n
         for acc, g in zip(total, batch_gradients(xb, yb)):
-            acc += weight * g.numpy().astype(np.float64)
+            acc += weight * np.asarray(g, np.float64)
     return {
         key: float(np.sqrt(np.sum(np.square(g)))) for key, g in zip(keys, total)
     }
+
+
+def _gradient_function(model, variables, training):
+    """`(x, y) -> [gradient of the model's loss for each of variables]`, as NumPy arrays.
+
+    Each backend's own autograd on the loss Keras' train step computes:
+    `tf.GradientTape`, `jax.grad` of the JAX trainer's
+    `compute_loss_and_updates` (the unscaled loss, forward-pass losses
+    included), `loss.backward()` on PyTorch. Nothing of the model changes.
+    """
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        @tf.function(reduce_retracing=True)
+        def batch_gradients(xb, yb):
+            with tf.GradientTape() as tape:
+                y_pred = model(xb, training=training)
+                loss = internals.compute_loss(model, xb, yb, y_pred, None, training=training)
+            grads = tape.gradient(loss, variables)
+            return [
+                tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)
+                for g, v in zip(grads, variables)
+            ]
+
+        return lambda xb, yb: [g.numpy() for g in batch_gradients(xb, yb)]
+    if backend == "jax":
+        import jax
+
+        trainable = model.trainable_variables
+        positions = [next(i for i, t in enumerate(trainable) if t is v) for v in variables]
+
+        def loss_of(values, non_trainable, metrics, xb, yb):
+            _, aux = model.compute_loss_and_updates(
+                values, non_trainable, metrics, xb, yb, None, training=training,
+                optimizer_variables=[v.value for v in model.optimizer.variables])
+            return aux[0]  # the unscaled loss
+
+        grad = jax.jit(jax.grad(loss_of))
+
+        def batch_gradients(xb, yb):
+            grads = grad([v.value for v in trainable],
+                         [v.value for v in model.non_trainable_variables],
+                         [v.value for v in model.metrics_variables], xb, yb)
+            return [np.asarray(grads[i]) for i in positions]
+
+        return batch_gradients
+    if backend == "torch":
+        def batch_gradients(xb, yb):
+            xb = keras.tree.map_structure(keras.ops.convert_to_tensor, xb)
+            yb = keras.tree.map_structure(keras.ops.convert_to_tensor, yb)
+            before = [v.numpy() for v in model.non_trainable_variables]
+            for v in variables:
+                v.value.grad = None
+            y_pred = internals.forward(model, xb) if training else model(xb, training=False)
+            loss = internals.compute_loss(model, xb, yb, y_pred, None, training=training)
+            loss.backward()
+            grads = [np.zeros(v.shape) if v.value.grad is None
+                     else v.value.grad.detach().cpu().numpy() for v in variables]
+            for v in variables:
+                v.value.grad = None
+            # Batch normalization's moving statistics stay as they were.
+            for v, value in zip(model.non_trainable_variables, before):
+                v.assign(value)
+            return grads
+
+        return batch_gradients
+    raise ValueError(
+        "Gradient probes run on the tensorflow, jax and torch backends of Keras. "
+        f"Received: keras.backend.backend()={backend!r}")
 
 
 def preflight_check(model, x, y, batch_size=256, include_biases=False):
@@ -130,8 +191,8 @@ def preflight_check(model, x, y, batch_size=256, include_biases=False):
     """
     from keras_gradtools import diagnose
 
-    xb = tf.nest.map_structure(lambda a: a[:batch_size], x)
-    yb = tf.nest.map_structure(lambda a: a[:batch_size], y)
+    xb = keras.tree.map_structure(lambda a: a[:batch_size], x)
+    yb = keras.tree.map_structure(lambda a: a[:batch_size], y)
     norms = compute_weight_gradient_norms(
         model, xb, yb, batch_size=batch_size, include_biases=include_biases,
         training=True,

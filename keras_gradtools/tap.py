@@ -36,9 +36,11 @@ from keras_gradtools.recorder import GradNormRecorder
 
 
 SUPPORTED_BACKENDS = ("tensorflow", "jax", "torch")
+JAX_HINT = ("On JAX, GradNormLogger records during fit() what the optimizer applies, also "
+            "from your own train_step when it applies with optimizer.stateless_apply.")
 
 
-def check_backend(what="GradNormLogger", backends=SUPPORTED_BACKENDS):
+def check_backend(what="GradNormLogger", backends=SUPPORTED_BACKENDS, hint=""):
     """Raises `ValueError` unless Keras runs on a backend `what` supports.
 
     Called before any training work starts (`GradNormLogger`'s
@@ -48,6 +50,8 @@ def check_backend(what="GradNormLogger", backends=SUPPORTED_BACKENDS):
         what: the feature, for the message. Defaults to `"GradNormLogger"`.
         backends: the backends it supports. Defaults to TensorFlow, JAX
             and PyTorch.
+        hint: a sentence for the message: what to use instead. Defaults
+            to `""`.
 
     Returns:
         `None`.
@@ -60,7 +64,7 @@ def check_backend(what="GradNormLogger", backends=SUPPORTED_BACKENDS):
     if backend not in backends:
         raise ValueError(
             f"{what} runs on the {', '.join(backends)} backend(s) of Keras; set "
-            "KERAS_BACKEND before importing keras. Received: "
+            f"KERAS_BACKEND before importing keras.{' ' + hint if hint else ''} Received: "
             f"keras.backend.backend()={backend!r}"
         )
     if backend == "jax" and keras.distribution.distribution() is not None:
@@ -299,11 +303,14 @@ def ordered_after(shared, gradients):
 class recording:
     """Context manager: `optimizer` feeds `recorders` the gradients it applies.
 
-    For custom training loops, including ones under `tf.distribute`
-    (`strategy.run`): enter it around the calls of your `tf.function` train
-    step (it must be active while the step is traced: the recording is
-    built into the traced graph, and stays in it), and call
-    `optimizer.apply(grads, variables)` in the step as usual. With several
+    For custom training loops on TensorFlow, including ones under
+    `tf.distribute` (`strategy.run`): enter it around the calls of your
+    `tf.function` train step (it must be active while the step is traced:
+    the recording is built into the traced graph, and stays in it), and call
+    `optimizer.apply(grads, variables)` in the step as usual. On PyTorch,
+    enter it around the loop whose steps call `optimizer.apply`. Not on JAX,
+    whose jitted steps carry their state explicitly: there `GradNormLogger`
+    records during `fit()`, custom `train_step`s included. With several
     replicas the recorders get the all-reduced gradient (the one applied),
     written once per worker, not each replica's share; under a loss-scale
     optimizer, skipped steps are flagged (`GradNormRecorder.skipped`).
@@ -339,7 +346,7 @@ class recording:
     """
 
     def __init__(self, optimizer, recorders, applied_recorders=(), strategy=None):
-        check_backend("recording()", ("tensorflow",))
+        check_backend("recording()", ("tensorflow", "torch"), JAX_HINT)
         if isinstance(recorders, GradNormRecorder):
             recorders = [recorders]
         self._tap = GradientTap(optimizer, strategy)

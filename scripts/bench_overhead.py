@@ -21,6 +21,9 @@ on the CPU split into 2 logical devices (same global batch): the logger then
 records the all-reduced gradient as it leaves the optimizer's own
 all-reduce, with no second all-reduce.
 
+`--backend jax|torch|tensorflow` picks the Keras backend (default: the
+KERAS_BACKEND variable); JAX always compiles its train step with XLA.
+
 Run: `python scripts/bench_overhead.py` (about 25 minutes on 2 CPU cores; pick
 with `--models` and `--candidates`).
 """
@@ -28,9 +31,15 @@ with `--models` and `--candidates`).
 import contextlib
 import os
 import statistics
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# The backend is fixed when Keras is imported: `--backend` is read here, first.
+_BACKEND = next((sys.argv[i + 1] for i, a in enumerate(sys.argv[:-1]) if a == "--backend"),
+                None)
+if _BACKEND in ("tensorflow", "jax", "torch"):
+    os.environ["KERAS_BACKEND"] = _BACKEND
 
 import click  # noqa: E402
 import keras  # noqa: E402
@@ -236,11 +245,19 @@ def _choices(value, known, what, option):
 @click.option("--jit-compile", type=click.Choice(["auto", "true", "false"]), default="auto",
               show_default=True,
               help="compile(jit_compile=...) for every model, baseline included (auto: "
-                   "Keras' choice, no XLA on CPU).")
-def main(model_names, candidates, steps, reps, probe_samples, strategy, jit_compile):
+                   "Keras' choice, no XLA on CPU for TensorFlow).")
+@click.option("--backend", type=click.Choice(["tensorflow", "jax", "torch"]), default=None,
+              help="The Keras backend (default: KERAS_BACKEND, else tensorflow).")
+def main(model_names, candidates, steps, reps, probe_samples, strategy, jit_compile, backend):
     """Per-step overhead of keras_gradtools against plain fit(), interleaved."""
     global STRATEGY, JIT_COMPILE
     JIT_COMPILE = {"auto": "auto", "true": True, "false": False}[jit_compile]
+    running = keras.backend.backend()
+    if backend is not None and backend != running:
+        raise click.BadParameter(f"Keras runs on {running!r} here", param_hint="--backend")
+    if running != "tensorflow" and (strategy != "none" or jit_compile != "auto"):
+        raise click.UsageError(
+            f"--strategy and --jit-compile are TensorFlow options; received them on {running!r}")
     names = _choices(model_names, MODELS, "model", "--models")
     chosen = _choices(candidates, CANDIDATES, "candidate", "--candidates")
     if strategy == "mirrored":
@@ -253,8 +270,9 @@ def main(model_names, candidates, steps, reps, probe_samples, strategy, jit_comp
         STRATEGY = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
         click.echo(f"MirroredStrategy, {STRATEGY.num_replicas_in_sync} replicas "
                    "(logical CPU devices), same global batch")
-    click.echo(f"keras {keras.__version__}, devices: "
-               f"{[d.name for d in __import__('tensorflow').config.list_logical_devices()]}")
+    from keras_gradtools.experiments import device_name
+
+    click.echo(f"keras {keras.__version__} on {running}, device: {device_name()}")
     for name in names:
         bench_model(name, steps, reps, chosen)
     if probe_samples:

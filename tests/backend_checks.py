@@ -165,6 +165,74 @@ def _embedding():
                             name="embed_net")
 
 
+class _CustomStep(keras.Model):
+    """A train_step of one's own, as Keras' guides write it for this backend."""
+
+    def __init__(self):
+        super().__init__(name="custom")
+        self.h = keras.layers.Dense(8, activation="tanh", name="h")
+        self.out = keras.layers.Dense(3, activation="softmax", name="out")
+
+    def call(self, x, training=None):
+        return self.out(self.h(x))
+
+    def _loss_and_updates(self, trainable, non_trainable, x, y):
+        y_pred, non_trainable = self.stateless_call(trainable, non_trainable, x, training=True)
+        return self.compute_loss(x=x, y=y, y_pred=y_pred), non_trainable
+
+    def train_step(self, *args):
+        if BACKEND == "jax":
+            import jax
+
+            state, (x, y) = args
+            trainable, non_trainable, optimizer_variables, metrics_variables = state
+            (loss, non_trainable), grads = jax.value_and_grad(
+                self._loss_and_updates, has_aux=True)(trainable, non_trainable, x, y)
+            trainable, optimizer_variables = self.optimizer.stateless_apply(
+                optimizer_variables, grads, trainable)
+            return {"loss": loss}, (trainable, non_trainable, optimizer_variables,
+                                    metrics_variables)
+        import torch
+
+        x, y = args[0]
+        self.zero_grad()
+        loss = self.compute_loss(x=x, y=y, y_pred=self(x, training=True))
+        loss.backward()
+        gradients = [v.value.grad for v in self.trainable_weights]
+        with torch.no_grad():
+            self.optimizer.apply(gradients, self.trainable_weights)
+        return {"loss": loss}
+
+
+def _torch_loop(x, y, steps=4):
+    """PyTorch: a loop of one's own under `recording()`, against autograd."""
+    import torch
+
+    from keras_gradtools import GradNormRecorder, recording
+
+    keras.utils.set_random_seed(0)
+    model = _mlp()
+    model.build((None, 6))
+    optimizer = keras.optimizers.SGD(0.1)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy()
+    recorder = GradNormRecorder(model.trainable_variables, include_biases=True)
+    worst = 0.0
+    with recording(optimizer, recorder):
+        for step in range(steps):
+            xb = torch.as_tensor(x[step * BATCH:(step + 1) * BATCH])
+            yb = torch.as_tensor(y[step * BATCH:(step + 1) * BATCH])
+            weights = [v.numpy() for v in model.trainable_variables]
+            expected = np.array(_reference(model, weights, xb.numpy(), yb.numpy(), loss_fn))
+            model.zero_grad()
+            loss_fn(yb, model(xb, training=True)).backward()
+            grads = [v.value.grad for v in model.trainable_variables]
+            with torch.no_grad():
+                optimizer.apply(grads, model.trainable_variables)
+            worst = max(worst, float(np.max(np.abs(recorder.norms[step] - expected) / expected)))
+    return {"steps": int(len(recorder.norms)), "max_rel": worst,
+            "apply_left": "apply" in vars(optimizer)}
+
+
 def _tools_run(tmp):
     """Logger with TensorBoard and run_dir, and the monitor, on this backend."""
     rng = np.random.default_rng(0)
@@ -220,17 +288,52 @@ def _refusals(tmp):
         else:
             out[name] = None
 
-    attempt("recording", lambda: recording(keras.optimizers.SGD(0.1),
-                                           [GradNormRecorder(_mlp().trainable_variables)]))
-
     def gradnorm_model():
         inputs = keras.Input((6,))
         model = GradNormModel(inputs, keras.layers.Dense(3)(inputs))
         model.compile(optimizer="sgd", loss="mse")
         model.fit(x, np.zeros((16, 3)), verbose=0)
 
-    attempt("gradnorm_model", gradnorm_model)
+    if BACKEND == "jax":
+        attempt("recording", lambda: recording(keras.optimizers.SGD(0.1),
+                                               [GradNormRecorder(_mlp().trainable_variables)]))
+        attempt("gradnorm_model", gradnorm_model)
     return out
+
+
+def _probe(tmp):
+    """`compute_weight_gradient_norms` and `gradtools check` against the logger's first step.
+
+    A model with weight and activity regularization and batch normalization: the
+    probe's one-batch gradient (training mode) is the first train step's.
+    """
+    from click.testing import CliRunner
+
+    from keras_gradtools.cli import main as cli
+    from keras_gradtools.probe import compute_weight_gradient_norms
+
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(16, 6)).astype("float32"), rng.integers(0, 3, 16)
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6,))
+    h = keras.layers.Dense(8, activation="tanh", kernel_regularizer=keras.regularizers.L2(0.1),
+                           activity_regularizer=keras.regularizers.L2(0.01), name="h")(inputs)
+    h = keras.layers.BatchNormalization(name="bn")(h)
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax", name="out")(h),
+                        name="reg")
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy")
+    probe = compute_weight_gradient_norms(model, x, y, batch_size=16, include_biases=True,
+                                          training=True)
+    path, data = os.path.join(tmp, "reg.keras"), os.path.join(tmp, "data.npz")
+    model.save(path)
+    np.savez(data, x=x, y=y)
+    result = CliRunner().invoke(cli, ["--backend", BACKEND, "check", path, "--data", data,
+                                      "--batch-size", "16", "--json"])
+    logger = GradNormLogger(include_biases=True)
+    model.fit(x, y, batch_size=16, shuffle=False, verbose=0, callbacks=[logger])
+    return {"keys": logger.keys, "logged": logger.norms[0].tolist(),
+            "probe": [probe[k] for k in logger.keys], "cli_exit": result.exit_code,
+            "cli": json.loads(result.stdout)["norms"] if result.exit_code == 0 else result.output}
 
 
 def main(tmp):
@@ -247,8 +350,23 @@ def main(tmp):
         _compare("lstm", _lstm, rng.normal(size=(32, 5, 3)).astype("float32"), y),
         _compare("embedding", _embedding, ids, y),
     ]}
+    result["models"].append(_compare("custom_train_step", _CustomStep, x6, y))
     if BACKEND == "jax":  # Keras' PyTorch trainer takes steps_per_execution=1 only
         result["steps_per_execution"] = _steps_per_execution(x6, y)
+    else:
+        from keras_gradtools import GradNormModel
+
+        class _Recording(GradNormModel):  # records in its own train step
+            def __init__(self):
+                super().__init__(name="gradnorm_model")
+                self.h = keras.layers.Dense(8, activation="tanh", name="h")
+                self.out = keras.layers.Dense(3, activation="softmax", name="out")
+
+            def call(self, x, training=None):
+                return self.out(self.h(x))
+
+        result["models"].append(_compare("gradnorm_model", _Recording, x6, y))
+        result["recording_loop"] = _torch_loop(x6, y)
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
         result["mixed_float16"] = _compare("mixed_float16", _mlp, x6, y)
@@ -256,7 +374,7 @@ def main(tmp):
         result["mixed_float16"] = {"refused": str(e)}
     finally:
         keras.mixed_precision.set_global_policy("float32")
-    result.update(tools=_tools_run(tmp), refusals=_refusals(tmp))
+    result.update(tools=_tools_run(tmp), refusals=_refusals(tmp), probe=_probe(tmp))
     print("RESULT " + json.dumps(result))
 
 

@@ -21,7 +21,7 @@ from keras_gradtools.runs import load_run
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS = ["sequential", "functional_shared", "subclassed", "cnn_batchnorm", "frozen", "lstm",
-          "embedding"]
+          "embedding", "custom_train_step"]
 
 
 def _available(backend):
@@ -50,7 +50,10 @@ def _run(script, backend, tmp):
 def test_every_step_equals_the_backends_own_gradient(checked):
     backend, _, result = checked
     assert result["backend"] == backend
-    assert [m["name"] for m in result["models"]] == MODELS
+    # custom_train_step: Keras' guide's own train_step for this backend, recorded by the
+    # logger; gradnorm_model (PyTorch): GradNormModel's train step records itself.
+    assert [m["name"] for m in result["models"]] == MODELS + (
+        ["gradnorm_model"] if backend == "torch" else [])
     for model in result["models"]:
         assert model["steps"] == 4, model
         assert model["max_rel"] <= 1e-5, model
@@ -59,6 +62,9 @@ def test_every_step_equals_the_backends_own_gradient(checked):
     if backend == "jax":  # Keras' PyTorch trainer refuses steps_per_execution > 1 itself
         spe = result["steps_per_execution"]
         assert spe["steps"] == 4 and spe["max_rel"] <= 1e-5, spe
+    else:  # a loop of one's own under recording(), against autograd
+        loop = result["recording_loop"]
+        assert loop["steps"] == 4 and loop["max_rel"] <= 1e-5 and not loop["apply_left"], loop
     # mixed_float16: Keras wraps SGD in a LossScaleOptimizer; the recorded norms are
     # the unscaled ones (the reference is the float16 model's gradient, unscaled).
     mixed = result["mixed_float16"]
@@ -113,6 +119,19 @@ def test_clipping_history_tensorboard_and_run_dir(checked):
     assert run.findings == tools["findings"]
 
 
+def test_probe_and_cli_check_equal_the_first_train_step(checked):
+    """Regularized model with batch norm: one-batch probe == the logger's first step."""
+    backend, _, result = checked
+    probe = result["probe"]
+    assert probe["keys"] == ["h/kernel", "h/bias", "bn/gamma", "bn/beta", "out/kernel",
+                             "out/bias"]
+    np.testing.assert_allclose(probe["probe"], probe["logged"], rtol=1e-5)
+    assert probe["cli_exit"] == 0, probe["cli"]  # gradtools --backend <this> check ...
+    kernels = {k: v for k, v in zip(probe["keys"], probe["logged"]) if not k.endswith("bias")}
+    assert list(probe["cli"]) == list(kernels)  # biases left out by default
+    np.testing.assert_allclose(list(probe["cli"].values()), list(kernels.values()), rtol=1e-5)
+
+
 @pytest.fixture(scope="module", params=["jax", "torch"])
 def clipped(request, tmp_path_factory):
     backend = request.param
@@ -137,9 +156,14 @@ def test_clipping_presets_clip_as_numpy_does_and_resume(clipped):
         assert m["type"] == "ClippedOptimizer" and m["max_diff"] == 0.0, m
 
 
-def test_what_is_not_there_yet_is_refused_before_training(checked):
+def test_what_jax_cannot_do_is_refused_before_training(checked):
+    """recording() and GradNormModel need a stateful train step: refused on JAX, with the way."""
     backend, tmp, result = checked
     refusals = result["refusals"]
+    if backend != "jax":
+        assert refusals == {}
+        return
     for name in ("recording", "gradnorm_model"):
-        assert "runs on the tensorflow backend" in refusals[name], refusals[name]
-        assert f"backend()='{backend}'" in refusals[name]
+        assert "runs on the tensorflow, torch backend(s)" in refusals[name], refusals[name]
+        assert "optimizer.stateless_apply" in refusals[name]
+        assert "backend()='jax'" in refusals[name]

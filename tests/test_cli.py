@@ -161,3 +161,15 @@ def test_report_and_compare_read_a_reproduced_run(run_dir, tmp_path):
     assert float(cells[2]) == pytest.approx(summary["final_loss"], rel=1e-3)
     assert float(cells[3]) == pytest.approx(summary["final_accuracy"], rel=1e-3)
     assert cells[7] == "vanishing"
+
+
+def test_backend_option_refuses_a_second_backend_in_one_process(tmp_path):
+    """Keras runs on TensorFlow here: --backend jax cannot take effect, and says so."""
+    for args in (["--backend", "jax", "diagnose", str(tmp_path)],
+                 ["reproduce", "--backend", "jax", "--case", "vanishing", "--out", str(tmp_path)]):
+        result = CliRunner().invoke(cli.main, args)
+        assert result.exit_code == 2, result.output
+        assert "already running on 'tensorflow'" in result.output
+    assert os.listdir(tmp_path) == []  # refused before any work
+    result = CliRunner().invoke(cli.main, ["--backend", "mxnet", "diagnose", str(tmp_path)])
+    assert result.exit_code == 2 and "'mxnet' is not one of" in result.output
