@@ -411,7 +411,6 @@ class GradNormLogger(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         tap.check_backend()
-        tap.check_optimizer(self.model.optimizer)
         self.is_chief = True
         if keras.backend.backend() == "tensorflow":
             strategy = (getattr(self.model, "distribute_strategy", None)

@@ -15,13 +15,14 @@ Contact points (tested on Keras 3.3.3 / TF 2.16.2 and Keras 3.15.1 / TF
 | `optimizer.apply`, replaced on the instance while a train function is traced (`patch_apply`) | the tap: the gradients the optimizer applies, after `compile()`'s loss scaling, inside the compiled step of the stock `fit()` | none: Keras' `fit()` hands the gradients straight to `apply_gradients`; an optimizer wrapper (as `LossScaleOptimizer`) would have to replace `model.optimizer`, which is saved with the model |
 | `optimizer._all_reduce_sum_gradients` (TF optimizer), replaced on the instance while traced (`patch_all_reduce`) | under `tf.distribute` with several replicas: the summed gradient, once, as it leaves the all-reduce that Keras already does (the logger records it; `ClippedOptimizer` clips it) | `replica_context.all_reduce` in our own code, at the price of a second all-reduce |
 | `LossScaleOptimizer._stateful_handle_non_finite_grads`, replaced while traced (`patch_non_finite_handler`) | several replicas: the step the loss-scale optimizer skips never reaches the all-reduce; this is where it says so | none |
+| `LossScaleOptimizer._stateless_handle_non_finite_grads`, replaced while traced on JAX (`patch_stateless_non_finite_handler`) | JAX with mixed_float16: a skipped step never reaches the inner optimizer's `apply`; this is where the recorders write its row (NaN, flagged) | none |
 | `optimizer._trainable_variables` (`optimizer_variables`) | `apply(grads)` called without variables applies to these | none |
 | `optimizer._clip_gradients` (`keras_clip`) | the gradients Keras' own `clipnorm` / `clipvalue` / `global_clipnorm` leave, to record the applied norms | re-implementing Keras' clipping (it would drift from Keras') |
 | `optimizer._distribution_strategy` (`strategy_of`) | the strategy a TF optimizer was created under (a custom loop may run outside its scope) | `tf.distribute.get_strategy()` inside the scope |
 | `model._call_has_training_arg`, `model._compute_loss` / `compute_loss`, `model._loss_tracker`, `keras.src.losses.loss.unscale_loss_for_distribution` (`forward`, `compute_loss`, `track_loss`) | `GradNormModel.train_step` does what Keras' TF `train_step` does, on every supported version (the `training` argument of `compute_loss` arrived in 3.3, `_compute_loss` and the unscaling later) | a train step that keeps its own loss metric (Keras' custom `train_step` guide); its `loss` would then not be Keras' |
 | `tensorflow.python.ops.resource_variable_ops.ResourceVariable` (`local_variable`) | the ring buffer: a plain variable even inside `strategy.scope()` (written by one replica per worker) | none: `tf.Variable` inside a scope becomes a distributed variable |
 | `model.train_function`, replaced for the duration of `fit()` (`set_train_function`) | the logger rebuilds the train function with the tap in it, and puts the old one back | a public attribute, but Keras does not document replacing it |
-| `optimizer._variables`, extended for the duration of `fit()` on JAX (`adopt_variables`, `release_variables`) | JAX's train step is a pure function of the state Keras passes in: a ring buffer written inside it survives only as part of that state, and the optimizer's variables are | none |
+| `optimizer._variables`, extended for the duration of `fit()` on JAX (`adopt_variables`, `release_variables`; the inner optimizer's under a `LossScaleOptimizer`) | JAX's train step is a pure function of the state Keras passes in: a ring buffer written inside it survives only as part of that state, and the optimizer's variables are | none |
 | `model._jax_state`, `model._jax_state_synced` (`live_values`) | during a JAX epoch the variables' own values are purged; the current ones live in the trainer's state | `model.jax_state_sync()` (public), which writes every variable back: too costly every few hundred steps |
 
 Every replacement goes through `Patch`: entered and exited the same way,
@@ -199,6 +200,15 @@ def patch_all_reduce(optimizer, make):
 def patch_non_finite_handler(optimizer, make):
     """A `Patch` of the `LossScaleOptimizer` method that handles a skipped step: `() -> None`."""
     return Patch(optimizer, "_stateful_handle_non_finite_grads", make)
+
+
+def patch_stateless_non_finite_handler(optimizer, make):
+    """JAX: a `Patch` of the `LossScaleOptimizer`'s skipped-step branch.
+
+    `(optimizer_variables, trainable_variables) -> (trainable_variables,
+    optimizer_variables)`, the values after the skipped step.
+    """
+    return Patch(optimizer, "_stateless_handle_non_finite_grads", make)
 
 
 def set_train_function(model, function):

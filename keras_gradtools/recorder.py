@@ -307,7 +307,8 @@ class GradNormRecorder:
         Returns:
             `None`.
         """
-        self.write(tf.fill([max(len(self.keys), 1)], np.nan), tf.constant(True))  # TF only
+        self.write(ops.full((max(len(self.keys), 1),), np.nan, "float32"),
+                   ops.convert_to_tensor(True))
 
     def _slots(self, gradients, variables):
         """Each recorded variable's gradient (or `None`), in the recorder's order."""

@@ -58,7 +58,8 @@ def check_backend(what="GradNormLogger", backends=SUPPORTED_BACKENDS, hint=""):
 
     Raises:
         ValueError: on another backend (NumPy, OpenVINO), or one `what`
-            does not support yet.
+            does not support yet; under a `keras.distribution` other than
+            `DataParallel` on JAX.
     """
     backend = keras.backend.backend()
     if backend not in backends:
@@ -67,31 +68,14 @@ def check_backend(what="GradNormLogger", backends=SUPPORTED_BACKENDS, hint=""):
             f"KERAS_BACKEND before importing keras.{' ' + hint if hint else ''} Received: "
             f"keras.backend.backend()={backend!r}"
         )
-    if backend == "jax" and keras.distribution.distribution() is not None:
+    distribution = keras.distribution.distribution()
+    if distribution is not None and not (
+            backend == "jax" and isinstance(distribution, keras.distribution.DataParallel)):
         raise ValueError(
-            f"{what} does not support keras.distribution on JAX yet. Received: "
-            f"distribution={type(keras.distribution.distribution()).__name__}"
-        )
-
-
-def check_optimizer(optimizer):
-    """Raises `ValueError` for an optimizer the tap cannot follow on this backend.
-
-    On JAX a `LossScaleOptimizer` (mixed_float16) applies through its inner
-    optimizer's `stateless_apply`, past its own `apply`: not supported yet.
-
-    Args:
-        optimizer: the model's optimizer, or `None`.
-
-    Returns:
-        `None`.
-    """
-    if (optimizer is not None and keras.backend.backend() == "jax"
-            and clipping.layout(optimizer).loss_scale is not None):
-        raise ValueError(
-            "GradNormLogger does not support a LossScaleOptimizer (mixed_float16) on "
-            "JAX yet; use mixed_bfloat16, float32, or the TensorFlow or PyTorch "
-            "backend. Received: optimizer=LossScaleOptimizer on 'jax'"
+            f"{what} supports keras.distribution.DataParallel on JAX (every variable "
+            "replicated: the optimizer applies the global gradient), not yet variables "
+            f"sharded over devices. Received: distribution={type(distribution).__name__} on "
+            f"{backend!r}"
         )
 
 
@@ -120,7 +104,15 @@ class GradientTap:
         self.applied_recorders = []
         self._entered = None
         self.replicas = self.local_replicas = 1
-        check_optimizer(optimizer)
+        # Whose `apply` is tapped. On JAX a LossScaleOptimizer applies through
+        # its inner optimizer's `stateless_apply` (past its own `apply`), with
+        # the gradients unscaled, on finite steps only: the inner one is
+        # tapped, and the skipped branch writes its row itself.
+        self.apply_target = optimizer
+        self.jax_loss_scale = None
+        if keras.backend.backend() == "jax" and self.layout.loss_scale is not None:
+            self.jax_loss_scale = self.layout.loss_scale
+            self.apply_target = self.layout.loss_scale.inner_optimizer
         if keras.backend.backend() != "tensorflow":
             return
         strategy = (strategy or internals.strategy_of(self.layout.base)
@@ -145,7 +137,11 @@ class GradientTap:
         clipper = self.layout.clipper
         if self.replicas == 1:
             patches.append(internals.patch_apply(
-                self.optimizer, lambda original: functools.partial(self._apply, original)))
+                self.apply_target, lambda original: functools.partial(self._apply, original)))
+            if self.jax_loss_scale is not None:
+                patches.append(internals.patch_stateless_non_finite_handler(
+                    self.jax_loss_scale,
+                    lambda original: functools.partial(self._stateless_skipped, original)))
         else:
             if clipper is not None:
                 # A ClippedOptimizer hands over the sum before it clips it.
@@ -187,11 +183,11 @@ class GradientTap:
         """The optimizer's `apply` (one replica): record what it got, then apply it."""
         grads = list(grads)
         if trainable_variables is None:
-            variables = internals.optimizer_variables(self.optimizer)
+            variables = internals.optimizer_variables(self.apply_target)
         else:
             trainable_variables = list(trainable_variables)
             variables = trainable_variables
-        scale = clipping.loss_scale_of(self.optimizer)
+        scale = clipping.loss_scale_of(self.apply_target)
         # The norms are taken first and each variable's update is ordered
         # after its gradient's norm (see `ordered_after`); they are written
         # once the step's verdict is known.
@@ -200,7 +196,7 @@ class GradientTap:
                    for recorder in self.recorders]
         grads = ordered_after(shared, grads)
         skipped = None
-        if self.layout.loss_scale is not None:
+        if self.layout.loss_scale is not None and self.jax_loss_scale is None:
             # The loss-scale optimizer skips a step whose scaled gradients
             # are not all finite: its own public test, on the same gradients.
             skipped = ops.logical_not(self.layout.loss_scale.check_finite(grads))
@@ -215,6 +211,16 @@ class GradientTap:
             clipped = internals.keras_clip(self.layout.base, [g for g, _ in present])
             self._record_applied(clipped, [v for _, v in present])
         return result
+
+    def _stateless_skipped(self, handle_non_finite, optimizer_variables, trainable_variables):
+        """JAX, a loss-scale optimizer's skipped step: its row is written, NaN and flagged."""
+        trainable_variables, optimizer_variables = handle_non_finite(
+            optimizer_variables, trainable_variables)
+        state = self.jax_loss_scale.variables
+        with keras.StatelessScope(state_mapping=list(zip(state, optimizer_variables))) as scope:
+            for recorder in self.recorders + self.applied_recorders:
+                recorder.write_skipped()
+        return trainable_variables, [scope.get_current_value(v) for v in state]
 
     def _record_applied(self, grads, variables):
         if not self._recording_replica():
@@ -492,20 +498,31 @@ class _Instrumentation:
         if keras.backend.backend() != "jax":
             return
         for recorder in recorders:
-            internals.adopt_variables(self.model.optimizer, recorder.device_variables)
+            internals.adopt_variables(self.tap.apply_target, recorder.device_variables)
             recorder.read_values = functools.partial(internals.live_values, self.model)
             self.adopted.append(recorder)
+        self._rebuild()
+
+    def _rebuild(self):
+        """JAX: a fresh train function for the new state (its shardings are fixed when made)."""
+        self.model.make_train_function(force=True)
+        self.compiled = self.model.train_function
+        internals.set_train_function(self.model, self.train_function)
 
     def release(self, recorders):
         for recorder in recorders:
             if recorder in self.adopted:
                 variables = recorder.device_variables
                 # Keep what the trainer's state holds (also when an exception
-                # ended the epoch before Keras synced it back).
-                for variable, value in zip(variables,
-                                           internals.live_values(self.model, variables)):
+                # ended the epoch before Keras synced it back). A train step
+                # that failed before the trainer held any state left none.
+                try:
+                    values = internals.live_values(self.model, variables)
+                except (TypeError, KeyError, IndexError):
+                    values = []
+                for variable, value in zip(variables, values):
                     variable.assign(value)
-                internals.release_variables(self.model.optimizer, variables)
+                internals.release_variables(self.tap.apply_target, variables)
                 recorder.read_values = lambda vs: [v.value for v in vs]
                 self.adopted.remove(recorder)
 
@@ -517,6 +534,8 @@ class _Instrumentation:
                     group.remove(recorder)
         if not self.tap.recorders and not self.tap.applied_recorders:
             self.restore()
+        elif keras.backend.backend() == "jax" and self.active:
+            self._rebuild()
 
     def restore(self):
         if not self.active:

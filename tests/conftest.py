@@ -19,4 +19,5 @@ def _fresh_keras_state():
 # Helper scripts that tests run in a fresh process (they configure devices at
 # import time): never imported by pytest itself.
 collect_ignore = ["distributed_checks.py", "multiworker_checks.py", "backend_checks.py",
+                  "distribution_checks.py",
                   "clipping_checks.py"]

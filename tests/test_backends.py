@@ -68,10 +68,15 @@ def test_every_step_equals_the_backends_own_gradient(checked):
     # mixed_float16: Keras wraps SGD in a LossScaleOptimizer; the recorded norms are
     # the unscaled ones (the reference is the float16 model's gradient, unscaled).
     mixed = result["mixed_float16"]
-    if backend == "jax":  # not yet: refused before training
-        assert "does not support a LossScaleOptimizer (mixed_float16) on JAX" in mixed["refused"]
-    else:
-        assert mixed["steps"] == 4 and mixed["max_rel"] <= 1e-2, mixed
+    assert mixed["steps"] == 4 and mixed["max_rel"] <= 1e-2, mixed
+    # Steps the loss-scale optimizer skips (float16 overflow) are rows of NaN, flagged;
+    # each halved the scale from its initial 2**15.
+    skipped = result["mixed_float16_skipped"]
+    assert skipped["optimizer"] == "LossScaleOptimizer"
+    count = sum(skipped["skipped"])
+    assert 0 < count < 4 and skipped["final_scale"] == 2.0 ** (15 - count), skipped
+    assert skipped["nan"] == skipped["skipped"]
+    assert all(f != s for f, s in zip(skipped["finite"], skipped["skipped"])), skipped
     frozen = next(m for m in result["models"] if m["name"] == "frozen")
     assert frozen["keys"] == ["mlp/out/kernel", "mlp/out/bias"]  # the frozen layer is not recorded
 
@@ -167,3 +172,20 @@ def test_what_jax_cannot_do_is_refused_before_training(checked):
         assert "runs on the tensorflow, torch backend(s)" in refusals[name], refusals[name]
         assert "optimizer.stateless_apply" in refusals[name]
         assert "backend()='jax'" in refusals[name]
+
+
+def test_jax_data_parallel_records_and_clips_like_one_device(tmp_path):
+    """keras.distribution.DataParallel over 2 host CPU devices == one device, within 1e-5."""
+    if not _available("jax"):
+        pytest.skip("jax is not installed")
+    result = _run("distribution_checks.py", "jax", tmp_path)
+    assert result["devices"] == 2
+    names = [o["name"] for o in result["optimizers"]]
+    assert names == ["sgd", "global_clipnorm", "agc", "zclip", "global_norm_wrapper"]
+    for o in result["optimizers"]:
+        assert o["steps"] == 8, o
+        assert o["max_rel"] <= 1e-5 and o["max_rel_applied"] <= 1e-5, o
+        assert o["weights_diff"] <= 1e-5, o  # the same updates: the global gradient clipped
+        assert o["clipped"] == (o["name"] != "sgd"), o
+    assert "not yet variables sharded over devices" in result["model_parallel"]
+    assert "ModelParallel" in result["model_parallel"]
