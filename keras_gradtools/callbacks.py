@@ -52,7 +52,8 @@ class GradNormLogger(keras.callbacks.Callback):
     - Under a loss-scaling optimizer (`mixed_float16`) the norms are those
       of the unscaled gradients. A step that the loss-scale optimizer skips
       (its scaled gradients overflowed) is recorded with its non-finite
-      norms and listed in `skipped_steps`; `GradientMonitor` does not judge
+      norms (NaN where the gradients never reach the tap: several TF
+      replicas, JAX) and listed in `skipped_steps`; `GradientMonitor` does not judge
       it (a long run of skips is reported: see `diagnose.nonfinite_rule`).
     - The norms are pre-clipping: they are the gradients the optimizer
       receives, before its own `clipnorm`/`clipvalue`/`global_clipnorm`.
@@ -77,6 +78,10 @@ class GradNormLogger(keras.callbacks.Callback):
       logger warns and records the summed, applied gradient (use
       `clipped_optimizer` inside the strategy scope to clip the sum). Other
       strategies with several replicas are refused with a `ValueError`.
+    - Backends: TensorFlow, JAX and PyTorch, the same numbers on each. On
+      JAX under `keras.distribution.DataParallel` the norms are those of
+      the global gradient (what the optimizer applies); other
+      `keras.distribution`s are refused.
 
     TensorBoard (`log_dir`): scalars `grad_norm/<key>` and
     `grad_norm/global` every `update_freq` steps, written from the host

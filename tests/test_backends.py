@@ -189,3 +189,36 @@ def test_jax_data_parallel_records_and_clips_like_one_device(tmp_path):
         assert o["clipped"] == (o["name"] != "sgd"), o
     assert "not yet variables sharded over devices" in result["model_parallel"]
     assert "ModelParallel" in result["model_parallel"]
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_article_cases_at_reduced_scale(backend, tmp_path):
+    """`gradtools --backend X reproduce`, in a fresh process with no KERAS_BACKEND set.
+
+    vanishing and resnet at the scale where their effect shows (3,000 samples, 2 epochs);
+    exploding and clipped in one small epoch (their blow-up needs ~7,000 steps: full-scale
+    figures per backend are in docs/reproduction.md).
+    """
+    if not _available(backend):
+        pytest.skip(f"{backend} is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    for args in (["--case", "vanishing,resnet", "--subset", "3000", "--epochs", "2"],
+                 ["--case", "exploding,clipped", "--subset", "640", "--epochs", "1"]):
+        out = subprocess.run(
+            [sys.executable, "-m", "keras_gradtools.cli", "--backend", backend, "reproduce",
+             *args, "--out", str(tmp_path), "--quiet"],
+            capture_output=True, text=True, timeout=600, env=env)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert f"on {backend}" in out.stderr  # "Training on ... with Keras ... on <backend>"
+    runs = {name.split("-")[0]: load_run(os.path.join(tmp_path, name))
+            for name in os.listdir(tmp_path)}
+    assert sorted(runs) == ["clipped", "exploding", "resnet", "vanishing"]
+    for run in runs.values():
+        assert run.config["backend"] == backend
+        assert np.isfinite(run.norms).all() and len(run.norms) == run.epoch_end_steps[-1]
+    assert max(runs["vanishing"].history["accuracy"]) <= 0.12
+    assert "vanishing" in {f["kind"] for f in runs["vanishing"].findings}
+    assert runs["resnet"].history["accuracy"][-1] >= 0.9
+    assert not {f["kind"] for f in runs["resnet"].findings} & {"vanishing", "exploding"}
+    assert runs["clipped"].config["clipping"] == "clipnorm=1"
