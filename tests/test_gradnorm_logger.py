@@ -570,7 +570,8 @@ def test_recorder_overflow_warns_and_keeps_step_numbers():
     recorder = GradNormRecorder([v], capacity=2)
     for i in range(5):
         recorder.record([tf.constant([3.0, 4.0]) * (i + 1)], [v])
-    norms = recorder.norms[:, 0]
+    with pytest.warns(UserWarning, match="3 steps were overwritten before they were read"):
+        norms = recorder.norms[:, 0]
     assert len(norms) == 5
     assert np.all(np.isnan(norms[:3]))
     np.testing.assert_allclose(norms[3:], [20.0, 25.0])
