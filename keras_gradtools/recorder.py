@@ -95,6 +95,7 @@ class GradNormRecorder:
         self.histogram_freq = int(histogram_freq or 0)
         self.histogram_buckets = int(histogram_buckets)
         self._tf = keras.backend.backend() == "tensorflow"
+        self._torch = keras.backend.backend() == "torch"
         # How the host reads the device variables (JAX: from the trainer's state).
         self.read_values = lambda variables: [v.value for v in variables]
         if not self._tf:
@@ -228,6 +229,8 @@ class GradNormRecorder:
 
     def _ops_norms(self, slots, scale, shared):
         """`step_norms` with `keras.ops` (JAX, PyTorch): sums of squares in float32."""
+        if self._torch:
+            return self._torch_norms(slots, scale, shared)
         values = []
         for gradient in slots:
             if gradient is None:
@@ -262,6 +265,48 @@ class GradNormRecorder:
         self._hist.assign(hist)
         self._hist_steps.assign(hist_steps)
 
+    def _torch_norms(self, slots, scale, shared):
+        """PyTorch: `torch.linalg.vector_norm` in float32, one fused kernel per gradient.
+
+        PyTorch runs eagerly, where each `keras.ops` call costs its own
+        dispatch (about 8x the time of the torch kernel for a 256x256
+        gradient on a CPU): the norms use torch directly.
+        """
+        import torch
+
+        values = []
+        for gradient in slots:
+            if gradient is None:
+                values.append(torch.zeros((), dtype=torch.float32,
+                                          device=self._buffer.value.device))
+                continue
+            key = ("torch", id(gradient))
+            if key not in shared:
+                shared[key] = torch.linalg.vector_norm(gradient.detach(), dtype=torch.float32)
+            values.append(shared[key])
+        if not values:
+            return torch.zeros((0,), dtype=torch.float32, device=self._buffer.value.device)
+        norms = torch.stack(values)
+        if scale is not None:
+            norms = norms / ops.convert_to_tensor(scale).to(torch.float32)
+        return norms
+
+    def _torch_write(self, norms, skipped):
+        """PyTorch: the row written in place, at a position read on the device (no sync)."""
+        import torch
+
+        buffer, count = self._buffer.value, self._count.value
+        with torch.no_grad():
+            norms = torch.as_tensor(norms, dtype=torch.float32, device=buffer.device)
+            if not self.variables:
+                norms = torch.zeros((1,), dtype=torch.float32, device=buffer.device)
+            flag = (torch.zeros((1,), dtype=torch.float32, device=buffer.device)
+                    if skipped is None else
+                    ops.convert_to_tensor(skipped).to(torch.float32).reshape(1))
+            row = torch.remainder(count, self.capacity).long().reshape(1)
+            buffer.index_copy_(0, row, torch.cat([norms.reshape(-1), flag]).reshape(1, -1))
+            count.add_(1)
+
     def write(self, norms, skipped=None):
         """Writes an already computed norm vector as the next step's row.
 
@@ -272,6 +317,8 @@ class GradNormRecorder:
         Returns:
             `None`.
         """
+        if self._torch:
+            return self._torch_write(norms, skipped)
         if not self._tf:
             if not self.variables:
                 norms = ops.zeros((1,), "float32")
