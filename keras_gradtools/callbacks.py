@@ -375,10 +375,11 @@ class GradNormLogger(keras.callbacks.Callback):
         norms = self.recorder.norms
         first, self._published = self._published, len(norms)
         rows = norms[first:]
+        applied = None
+        if self.applied_recorder is not None:
+            # Copied at the same pace as the norms: its ring buffer is as small.
+            applied = self.applied_recorder.norms[first:first + len(rows)]
         if self.writer is not None:
-            applied = None
-            if self.applied_recorder is not None:
-                applied = self.applied_recorder.norms[first:first + len(rows)]
             self._write_summaries(first, rows, applied)
         if len(rows):
             skipped = self.recorder.skipped[first:]

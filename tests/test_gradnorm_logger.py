@@ -575,3 +575,23 @@ def test_recorder_overflow_warns_and_keeps_step_numbers():
     assert len(norms) == 5
     assert np.all(np.isnan(norms[:3]))
     np.testing.assert_allclose(norms[3:], [20.0, 25.0])
+
+
+def test_applied_norms_kept_for_runs_longer_than_the_ring_buffer():
+    """Without TensorBoard, the post-clipping recording is copied as often as the norms."""
+    import warnings
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, name="h"),
+                              keras.layers.Dense(3, name="out")], name="net")
+    model.compile(optimizer=keras.optimizers.SGD(0.05, clipnorm=0.5), loss="mse")
+    logger = GradNormLogger(flush_every=4)  # ring buffers of 4 + 2 + 1 = 7 rows
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(160, 6)) * 3, rng.normal(size=(160, 3))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*overwritten before they were read")
+        model.fit(x, y, batch_size=4, verbose=0, callbacks=[logger])
+    raw, applied = logger.norms, logger.applied_recorder.norms
+    assert raw.shape == applied.shape == (40, 2)
+    assert (raw > 0.5).any()
+    np.testing.assert_allclose(applied, np.minimum(raw, 0.5), rtol=RTOL)
