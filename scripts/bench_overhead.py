@@ -121,6 +121,7 @@ CANDIDATES = {
     "logger+monitor": (_monitored, None),
     "logger+tb_scalars": (lambda: [_tb_logger()], None),
     "logger+tb_scalars+hist100": (lambda: [_tb_logger(histogram_freq=100)], None),
+    "clip=value": (lambda: [], lambda: clipped_optimizer("adam", 1e-3, clip="value")),
     "clip=norm": (lambda: [], lambda: clipped_optimizer("adam", 1e-3, clip="norm")),
     "clip=global_norm": (lambda: [], lambda: clipped_optimizer("adam", 1e-3, clip="global_norm")),
     "clip=agc": (lambda: [], lambda: clipped_optimizer("adam", 1e-3, clip="agc")),
