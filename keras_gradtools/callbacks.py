@@ -17,6 +17,7 @@ from keras_gradtools import internals
 from keras_gradtools import norms as norms_lib
 from keras_gradtools import runs
 from keras_gradtools import tap
+from keras_gradtools.facts import model_facts
 from keras_gradtools.recorder import GradNormRecorder
 
 
@@ -319,6 +320,7 @@ class GradNormLogger(keras.callbacks.Callback):
             "optimizer_config": (keras.optimizers.serialize(optimizer)
                                  if optimizer is not None else None),
             "clipping": clipping.describe_clipping(optimizer),
+            "model_facts": model_facts(model).to_dict(),
             "fit": {k: v for k, v in (self.params or {}).items()
                     if isinstance(v, (int, float, str, type(None)))},
             "logger": {"include_biases": self.include_biases, "flush_every": self.flush_every,
@@ -679,6 +681,7 @@ class GradientMonitor(keras.callbacks.Callback):
             self.diagnoser = diagnose.Diagnoser(
                 self.logger.keys, thresholds=self.thresholds,
                 clipping=clipping.describe_clipping(self.model.optimizer),
+                facts=model_facts(self.model),
             )
         for finding in self.diagnoser.feed(first_step, rows, skipped):
             finding.epoch = diagnose.epoch_of_step(

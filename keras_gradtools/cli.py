@@ -191,12 +191,13 @@ def _clipping_of(config):
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def diagnose(run_dir, as_json):
     """Judge a saved run's recorded gradient norms and print the report."""
-    from keras_gradtools.diagnose import diagnose_norms
+    from keras_gradtools.diagnose import ModelFacts, diagnose_norms
     from keras_gradtools.runs import load_run
 
     run = _explained(load_run, run_dir)
     report = diagnose_norms(run.norms, run.keys, run.epoch_end_steps,
-                            clipping=_clipping_of(run.config), skipped_steps=run.skipped_steps)
+                            clipping=_clipping_of(run.config), skipped_steps=run.skipped_steps,
+                            facts=ModelFacts.from_dict(run.config.get("model_facts")))
     click.echo(report.to_json(indent=1) if as_json else str(report))
 
 

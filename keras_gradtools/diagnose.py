@@ -182,6 +182,115 @@ def _span(layers):
 # ---------------------------------------------------------------------------
 
 
+SATURATING = ("sigmoid", "tanh", "hard_sigmoid", "softsign")
+LINEAR = ("linear", None)
+
+
+@dataclasses.dataclass
+class ModelFacts:
+    """What a model is made of, for fixes that fit it (see `keras_gradtools.facts`).
+
+    Attributes:
+        activations: dict, the path of each layer with an activation (as in
+            the recorded keys, without the variable name) -> its activation's
+            name (`"sigmoid"`, `"relu"`, `"linear"`, ...), input to output.
+        normalization: the paths of the normalization layers (batch, layer,
+            group normalization).
+        residual: whether the model adds a shortcut anywhere (an `Add`
+            layer or a residual block).
+        optimizer: the optimizer's class name, or `None`.
+        learning_rate: its learning rate (a float), or `None` when it is a
+            schedule or unknown.
+    """
+
+    activations: dict = dataclasses.field(default_factory=dict)
+    normalization: list = dataclasses.field(default_factory=list)
+    residual: bool = False
+    optimizer: str = None
+    learning_rate: float = None
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data):
+        """The facts saved with `to_dict` (a run's config); `None` for `None`."""
+        if data is None:
+            return None
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def hidden_activations(self):
+        """`{layer: activation}` without the last layer (the output's, e.g. softmax)."""
+        return dict(list(self.activations.items())[:-1])
+
+
+def _vanishing_fixes(layers, judged, facts):
+    """The vanishing finding's fixes, chosen from the model when its facts are known."""
+    shallower = (f"make the network shallower: {len(layers)} of {judged} weights are starved")
+    if facts is None:
+        return [
+            "Use ReLU with He initialization instead of sigmoid/tanh "
+            "(`Dense(..., activation='relu', kernel_initializer='he_normal')`; with the "
+            "article's builder, `create_deep_sigmoid_model(activation='relu', "
+            "kernel_initializer='he_normal')`).",
+            "Add batch normalization after the hidden layers (`batch_norm=True`).",
+            f"Add residual connections (`ResNetBlock`, `resnet_model`), or {shallower}.",
+        ]
+    fixes = []
+    hidden = facts.hidden_activations()
+    saturating = [layer for layer, act in hidden.items() if act in SATURATING]
+    if saturating:
+        names = sorted({hidden[layer] for layer in saturating})
+        short = [layer.rsplit("/", 1)[-1] for layer in saturating]
+        where = ", ".join(short) if len(short) <= 3 else f"{short[0]} ... {short[-1]}"
+        fixes.append(
+            f"Replace {'/'.join(names)} in {where} ({len(saturating)} layer(s)) "
+            "with ReLU and He initialization: `activation='relu', "
+            "kernel_initializer='he_normal'` on each; their derivative is at most "
+            f"{'0.25' if names == ['sigmoid'] else '1'} and compounds over the depth.")
+    if not facts.normalization:
+        fixes.append("Add `keras.layers.BatchNormalization()` after each hidden layer "
+                     "(before its activation): the model has no normalization layer.")
+    if not facts.residual:
+        fixes.append(f"Add residual connections (`ResNetBlock`, `resnet_model`), or "
+                     f"{shallower}.")
+    elif facts.normalization:
+        fixes.append("The model has normalization and shortcuts already: check the "
+                     f"initialization of the starved layers, or {shallower}.")
+    else:
+        fixes.append(f"The model has shortcuts already: {shallower}.")
+    return fixes
+
+
+def _exploding_fixes(level, facts):
+    """The exploding finding's fixes, chosen from the model when its facts are known."""
+    clip = ("Clip gradients: `keras.optimizers.Adam(learning_rate=1e-3, clipnorm=1.0)` (per "
+            "variable) or `global_clipnorm=1.0`; the article's fix. Pick the threshold near "
+            f"the healthy level ({level:.3g} for the global norm here).")
+    if facts is None:
+        return [clip, "Lower the learning rate (10x) or add warm-up.",
+                "Add batch normalization or nonlinear activations: a deep stack "
+                "of linear layers multiplies the gradient by every weight matrix."]
+    if facts.optimizer:
+        clip = (f"Clip gradients: `{facts.optimizer}(..., clipnorm=1.0)` (per variable) or "
+                f"`global_clipnorm=1.0`. Pick the threshold near the healthy level "
+                f"({level:.3g} for the global norm here).")
+    fixes = [clip]
+    if facts.learning_rate:
+        fixes.append(f"Lower the learning rate from {facts.learning_rate:g} to "
+                     f"{facts.learning_rate / 10:g}, or add warm-up.")
+    else:
+        fixes.append("Lower the learning rate (10x) or add warm-up.")
+    hidden = facts.hidden_activations()
+    if hidden and all(act in LINEAR for act in hidden.values()) and not facts.normalization:
+        fixes.append(f"The {len(hidden)} hidden layers are linear with no normalization: a "
+                     "deep stack of linear layers multiplies the gradient by every weight "
+                     "matrix; add nonlinear activations (`activation='relu'`) or "
+                     "`keras.layers.BatchNormalization()` between them.")
+    return fixes
+
+
 def nonfinite_rule(rows, keys, first_step=0, state=None, skipped=None, max_skipped=10,
                    max_initial_skipped=64):
     """Finds the first step with a NaN or Inf gradient norm.
@@ -312,6 +421,8 @@ def starved_steps(rows, keys, ratio=1e-3, floor=1e-7, skip=("gamma", "beta", "bi
         floor: absolute threshold. Defaults to `1e-7`.
         skip: variable names (last path part) that are not judged.
             Defaults to `("gamma", "beta", "bias")`.
+        facts: the model's `ModelFacts`, to choose fixes that fit it, or
+            `None` for generic ones. Defaults to `None`.
 
     Returns:
         A `(steps, len(keys))` bool array.
@@ -338,7 +449,7 @@ def starved_steps(rows, keys, ratio=1e-3, floor=1e-7, skip=("gamma", "beta", "bi
 
 
 def vanishing_rule(rows, keys, first_step=0, state=None, ratio=1e-3, floor=1e-7,
-                   patience=50, skip=("gamma", "beta", "bias")):
+                   patience=50, skip=("gamma", "beta", "bias"), facts=None):
     """Finds layers whose gradient is a tiny fraction of the output layer's.
 
     At each step a variable is "starved" when its norm is below `ratio`
@@ -363,6 +474,8 @@ def vanishing_rule(rows, keys, first_step=0, state=None, ratio=1e-3, floor=1e-7,
         patience: consecutive steps. Defaults to `50`.
         skip: variable names (last path part) that are not judged.
             Defaults to `("gamma", "beta", "bias")`.
+        facts: the model's `ModelFacts`, to choose fixes that fit it, or
+            `None` for generic ones. Defaults to `None`.
 
     Returns:
         `(findings, state)`; at most one finding per run.
@@ -418,21 +531,14 @@ def vanishing_rule(rows, keys, first_step=0, state=None, ratio=1e-3, floor=1e-7,
             message=(f"{_span(layers)} get(s) gradients down to {worst:.2g} times the output "
                      f"layer's ({_short(keys[ref])}: {ref_norm:.3g}), below {ratio:g} for "
                      f"{patience} steps: the early layers barely learn."),
-            fixes=[
-                "Use ReLU with He initialization instead of sigmoid/tanh "
-                "(`Dense(..., activation='relu', kernel_initializer='he_normal')`; with the "
-                "article's builder, `create_deep_sigmoid_model(activation='relu', "
-                "kernel_initializer='he_normal')`).",
-                "Add batch normalization after the hidden layers (`batch_norm=True`).",
-                "Add residual connections (`ResNetBlock`, `resnet_model`), or make the "
-                f"network shallower: {len(layers)} of {int(judged.sum())} weights are starved.",
-            ],
+            fixes=_vanishing_fixes(layers, int(judged.sum()), facts),
         ))
     return findings, state
 
 
 def exploding_rule(rows, keys, first_step=0, state=None, alpha=0.97, zscore=3.0,
-                   ratio=10.0, warmup=100, ceiling=1e6, clipping=None, layer_zscore=5.0):
+                   ratio=10.0, warmup=100, ceiling=1e6, clipping=None, layer_zscore=5.0,
+                   facts=None):
     """Finds spikes of the global or a layer's norm against its recent history.
 
     The global norm and each variable's norm are followed on the log scale
@@ -463,6 +569,8 @@ def exploding_rule(rows, keys, first_step=0, state=None, alpha=0.97, zscore=3.0,
             Defaults to `None`.
         layer_zscore: z-score threshold for a single layer's series.
             Defaults to `5.0`.
+        facts: the model's `ModelFacts`, to choose fixes that fit it, or
+            `None` for generic ones. Defaults to `None`.
 
     Returns:
         `(findings, state)`; at most one finding per run.
@@ -549,15 +657,7 @@ def exploding_rule(rows, keys, first_step=0, state=None, alpha=0.97, zscore=3.0,
                     evidence=evidence,
                     message=(f"the {which} jumped to {x[j]:.3g}, {reason}; "
                              f"{len(layers)} variable(s) grew with it ({_span(layers)})."),
-                    fixes=[
-                        "Clip gradients: `keras.optimizers.Adam(learning_rate=1e-3, "
-                        "clipnorm=1.0)` (per variable) or `global_clipnorm=1.0`; the "
-                        "article's fix. Pick the threshold near the healthy level "
-                        f"({level[0]:.3g} for the global norm here).",
-                        "Lower the learning rate (10x) or add warm-up.",
-                        "Add batch normalization or nonlinear activations: a deep stack "
-                        "of linear layers multiplies the gradient by every weight matrix.",
-                    ],
+                    fixes=_exploding_fixes(level[0], facts),
                 ))
         # Update the averages with this step (spikes included, as ZClip).
         d = lx - mean
@@ -648,9 +748,11 @@ class Diagnoser:
             `{"vanishing": {"ratio": 1e-4}}`. Defaults to `None`.
         clipping: the optimizer's clipping, or `None`. Defaults to `None`.
         rules: the rule names to run. Defaults to all of `RULES`.
+        facts: the model's `ModelFacts` (fixes that fit it), or `None`.
+            Defaults to `None`.
     """
 
-    def __init__(self, keys, thresholds=None, clipping=None, rules=None):
+    def __init__(self, keys, thresholds=None, clipping=None, rules=None, facts=None):
         self.keys = list(keys)
         self.thresholds = {k: dict(v) for k, v in DEFAULTS.items()}
         for rule, values in (thresholds or {}).items():
@@ -661,6 +763,7 @@ class Diagnoser:
                 )
             self.thresholds.setdefault(rule, {}).update(values)
         self.clipping = clipping
+        self.facts = facts
         self.rules = list(rules or RULES)
         self.states = {name: None for name in self.rules}
         self.steps = 0
@@ -687,6 +790,8 @@ class Diagnoser:
                 kwargs["skipped"] = skipped
             if name == "exploding":
                 kwargs["clipping"] = self.clipping
+            if name in ("exploding", "vanishing"):
+                kwargs["facts"] = self.facts
             found, self.states[name] = RULES[name](
                 rows, self.keys, first_step, state=self.states[name], **kwargs
             )
@@ -707,7 +812,7 @@ class Diagnoser:
 
 
 def diagnose_norms(norms, keys, epoch_end_steps=None, thresholds=None, clipping=None,
-                   skipped_steps=None):
+                   skipped_steps=None, facts=None):
     """Judges a whole recorded series at once.
 
     Gives the same findings as `GradientMonitor` does while training, block
@@ -722,6 +827,8 @@ def diagnose_norms(norms, keys, epoch_end_steps=None, thresholds=None, clipping=
         clipping: the optimizer's clipping, or `None`. Defaults to `None`.
         skipped_steps: the steps a loss-scale optimizer skipped
             (`GradNormLogger.skipped_steps`), not judged. Defaults to `None`.
+        facts: the model's `ModelFacts` (fixes that fit it), or `None`.
+            Defaults to `None`.
 
     Returns:
         A `Report`.
@@ -733,7 +840,7 @@ def diagnose_norms(norms, keys, epoch_end_steps=None, thresholds=None, clipping=
     >>> [f.kind for f in report.findings], report.findings[0].layers
     (['vanishing'], ['a/kernel'])
     """
-    diagnoser = Diagnoser(keys, thresholds=thresholds, clipping=clipping)
+    diagnoser = Diagnoser(keys, thresholds=thresholds, clipping=clipping, facts=facts)
     norms = np.asarray(norms, dtype=float).reshape(-1, len(keys))
     skipped = None
     if skipped_steps is not None and len(skipped_steps):

@@ -36,6 +36,7 @@ from keras_gradtools.callbacks import GradNormLogger
 from keras_gradtools import runs
 from keras_gradtools.clipping import clipped_optimizer
 from keras_gradtools.clipping import describe_clipping
+from keras_gradtools.facts import model_facts
 from keras_gradtools.clipping import parse_clip
 from keras_gradtools.callbacks import GradientMonitor
 
@@ -280,6 +281,7 @@ def run_experiment(
         subset=subset, samples=int(len(x)),
         optimizer_config=keras.optimizers.serialize(model.optimizer),
         clipping=describe_clipping(model.optimizer),
+        model_facts=model_facts(model).to_dict(),
         keras_version=keras.__version__, backend=keras.backend.backend(),
     )
     run_dir = None

@@ -200,7 +200,10 @@ def preflight_check(model, x, y, batch_size=256, include_biases=False):
     keys = list(norms)
     thresholds = {"vanishing": {"patience": 1}, "dead_layer": {"patience": 1},
                   "exploding": {"warmup": 1}}
+    from keras_gradtools.facts import model_facts
+
     report = diagnose.diagnose_norms(
-        np.array([[norms[k] for k in keys]]), keys, thresholds=thresholds
+        np.array([[norms[k] for k in keys]]), keys, thresholds=thresholds,
+        facts=model_facts(model),
     )
     return norms, report

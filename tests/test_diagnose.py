@@ -254,3 +254,69 @@ def test_vanishing_reference_is_the_last_judged_weight():
     rows = np.tile([1e-6, 1e-9, 1.0, 1e-9], (50, 1))  # tiny biases are not judged nor the reference
     (f,), _ = vanishing_rule(rows, keys)
     assert f.layers == ["m/a/kernel"] and f.evidence["reference_layer"] == "m/out/kernel"
+
+
+# ---------------------------------------------------------------------------
+# Fixes that fit the model
+# ---------------------------------------------------------------------------
+
+def _facts(activation, normalization=(), residual=False):
+    from keras_gradtools.diagnose import ModelFacts
+
+    layers = [f"net/dense_{i}" for i in range(3)] + ["net/out"]
+    return ModelFacts(activations={**{k: activation for k in layers[:-1]}, "net/out": "softmax"},
+                      normalization=list(normalization), residual=residual,
+                      optimizer="keras.optimizers.Adam", learning_rate=0.001)
+
+
+VANISHING_ROWS = np.tile([1e-9, 1e-3, 1e-2, 1.0], (60, 1))
+KEYS4 = ["net/dense_0/kernel", "net/dense_1/kernel", "net/dense_2/kernel", "net/out/kernel"]
+
+
+def test_vanishing_fixes_name_the_sigmoid_layers_and_what_the_model_lacks():
+    report = diagnose_norms(VANISHING_ROWS, KEYS4, facts=_facts("sigmoid"))
+    fixes = report.first("vanishing").fixes
+    assert fixes[0].startswith("Replace sigmoid in dense_0, dense_1, dense_2 (3 layer(s)) with ReLU")
+    assert "kernel_initializer='he_normal'" in fixes[0] and "at most 0.25" in fixes[0]
+    assert any("BatchNormalization()" in f for f in fixes)
+    assert any(f.startswith("Add residual connections") for f in fixes)
+
+
+def test_vanishing_fixes_never_suggest_what_the_model_has():
+    facts = _facts("relu", normalization=["net/bn"], residual=True)
+    fixes = diagnose_norms(VANISHING_ROWS, KEYS4, facts=facts).first("vanishing").fixes
+    text = " ".join(fixes)
+    assert "ReLU" not in text and "BatchNormalization" not in text
+    assert "residual connections" not in text
+    assert "normalization and shortcuts already" in fixes[0]
+
+
+def test_exploding_fixes_fit_the_model():
+    rows = np.concatenate([np.full((200, 4), 1.0), [[500.0] * 4]])
+    rows[::2] *= 1.1
+    resnet_like = _facts("relu", normalization=["net/bn"], residual=True)
+    fixes = diagnose_norms(rows, KEYS4, facts=resnet_like).first("exploding").fixes
+    assert "batch normalization" not in " ".join(fixes).lower()
+    assert "keras.optimizers.Adam(..., clipnorm=1.0)" in fixes[0]
+    assert fixes[1].startswith("Lower the learning rate from 0.001 to 0.0001")
+    linear = diagnose_norms(rows, KEYS4, facts=_facts("linear")).first("exploding").fixes
+    assert "The 3 hidden layers are linear with no normalization" in linear[2]
+    generic = diagnose_norms(rows, KEYS4).first("exploding").fixes  # no facts: as before
+    assert "Add batch normalization or nonlinear activations" in generic[2]
+
+
+def test_model_facts_read_the_structure():
+    import keras
+
+    from keras_gradtools import create_deep_sigmoid_model, resnet_model
+    from keras_gradtools.facts import model_facts
+
+    sigmoid = model_facts(create_deep_sigmoid_model())
+    assert list(sigmoid.activations.values()) == ["sigmoid"] * 11 + ["softmax"]
+    assert sigmoid.normalization == [] and not sigmoid.residual
+    resnet = resnet_model()
+    resnet.compile(optimizer=keras.optimizers.SGD(0.05), loss="sparse_categorical_crossentropy")
+    facts = model_facts(resnet)
+    assert facts.residual and "stem_bn" in facts.normalization
+    assert facts.activations["stem_conv"] == "relu"
+    assert facts.optimizer == "keras.optimizers.SGD" and facts.learning_rate == 0.05
