@@ -85,9 +85,13 @@ def _compare(name, build, x, y, loss="sparse_categorical_crossentropy", steps=4,
         worst = max(worst, float(np.max(np.abs(recorded[step] - expected) / scale)))
     return {
         "name": name, "steps": int(len(recorded)), "keys": logger.keys, "max_rel": worst,
-        "apply_left": "apply" in vars(model.optimizer),
-        "optimizer_variables_same": (variables_before is None
-                                     or len(model.optimizer.variables) == variables_before),
+        # Nothing patched is left on the optimizer or (loss scaling) its inner one.
+        "apply_left": any(name in vars(opt) for opt in (
+            model.optimizer, getattr(model.optimizer, "inner_optimizer", model.optimizer))
+            for name in ("apply", "_stateless_handle_non_finite_grads")),
+        "optimizer_variables_same": (
+            (variables_before is None or len(model.optimizer.variables) == variables_before)
+            and not any("gradtools" in v.name for v in model.optimizer.variables)),
     }
 
 

@@ -69,6 +69,7 @@ def test_every_step_equals_the_backends_own_gradient(checked):
     # the unscaled ones (the reference is the float16 model's gradient, unscaled).
     mixed = result["mixed_float16"]
     assert mixed["steps"] == 4 and mixed["max_rel"] <= 1e-2, mixed
+    assert not mixed["apply_left"] and mixed["optimizer_variables_same"], mixed
     # Steps the loss-scale optimizer skips (float16 overflow) are rows of NaN, flagged;
     # each halved the scale from its initial 2**15.
     skipped = result["mixed_float16_skipped"]
