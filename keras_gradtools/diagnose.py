@@ -549,7 +549,9 @@ def exploding_rule(rows, keys, first_step=0, state=None, alpha=0.97, zscore=3.0,
     at every step, a looser bar would cry wolf on healthy runs) *and* its
     norm is at least `ratio` times the average level; or when a norm
     exceeds `ceiling`. Non-finite steps are left to
-    `nonfinite_rule` and do not enter the averages.
+    `nonfinite_rule` and exact zeros to `dead_layer_rule`: neither enters the
+    averages (a series starts at its first positive norm), so a recovery
+    from zeros is not a spike.
 
     If `clipping` describes the optimizer's clipping (e.g. `"clipnorm=1.0"`),
     the spike is absorbed by it and reported as `clipped_spike`, not as a
@@ -597,25 +599,31 @@ def exploding_rule(rows, keys, first_step=0, state=None, alpha=0.97, zscore=3.0,
             [np.sqrt(np.sum(np.square(rows), axis=1, keepdims=True)), rows], axis=1
         )
         logs = np.log(np.maximum(series, 1e-38))
-    mean = None if state["mean"] is None else np.array(state["mean"], float)
+    mean = (np.full(n + 1, np.nan) if state["mean"] is None
+            else np.array(state["mean"], float))
     var = np.array(state["var"], float)
+    counts = np.array(state.get("counts", np.zeros(n + 1, int)))
     for i in range(len(rows)):
         x, lx = series[i], logs[i]
         finite = np.isfinite(x)
         if not finite.all():
             continue  # nonfinite_rule's business
-        if mean is None:
-            mean = lx.copy()
-            state["seen"] += 1
-            continue
+        # Exact zeros (a layer, or everything, that got no gradient: see
+        # dead_layer_rule) say nothing about the level and stay out of the
+        # averages; a series starts at its first positive norm.
+        positive = x > 0
+        fresh = positive & np.isnan(mean)
+        mean = np.where(fresh, lx, mean)
+        counts = counts + fresh
+        valid = positive & ~fresh
         std = np.sqrt(var)
         with np.errstate(all="ignore"):
-            z = (lx - mean) / np.maximum(std, 1e-12)
+            z = np.where(valid, (lx - mean) / np.maximum(std, 1e-12), 0.0)
             level = np.exp(mean)
-            jump = x / level
+            jump = np.where(valid, x / level, 0.0)
         bar = np.full(n + 1, layer_zscore)
         bar[0] = zscore
-        spiking = (state["seen"] >= warmup) & (z > bar) & (jump >= ratio)
+        spiking = valid & (counts >= warmup) & (z > bar) & (jump >= ratio)
         spiking |= x > ceiling
         if not state["fired"] and spiking.any():
             state["fired"] = True
@@ -660,11 +668,12 @@ def exploding_rule(rows, keys, first_step=0, state=None, alpha=0.97, zscore=3.0,
                     fixes=_exploding_fixes(level[0], facts),
                 ))
         # Update the averages with this step (spikes included, as ZClip).
-        d = lx - mean
+        d = np.where(valid, lx - mean, 0.0)
         mean = mean + (1 - alpha) * d
-        var = alpha * (var + (1 - alpha) * d * d)
+        var = np.where(valid, alpha * (var + (1 - alpha) * d * d), var)
+        counts = counts + valid
         state["seen"] += 1
-    state["mean"], state["var"] = mean, var
+    state["mean"], state["var"], state["counts"] = mean, var, counts
     return findings, state
 
 

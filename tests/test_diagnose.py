@@ -320,3 +320,15 @@ def test_model_facts_read_the_structure():
     assert facts.residual and "stem_bn" in facts.normalization
     assert facts.activations["stem_conv"] == "relu"
     assert facts.optimizer == "keras.optimizers.SGD" and facts.learning_rate == 0.05
+
+
+def test_a_recovery_from_zero_gradients_is_not_a_spike():
+    """Zeros (a saturated output, a dead stretch) stay out of the exploding rule's averages."""
+    rng = np.random.default_rng(0)
+    rows = np.exp(rng.normal(0, 0.1, (400, 3)))
+    rows[200:260] = 0.0  # every gradient exactly zero for 60 steps
+    rows[:50, 0] = 0.0   # one variable gets its first gradient at step 50
+    report = diagnose_norms(rows, ["a/kernel", "b/kernel", "c/kernel"])
+    assert report.kinds() == {"dead_layer"}
+    rows[300] *= 1000.0  # a real spike after the recovery is still found
+    assert diagnose_norms(rows, ["a/kernel", "b/kernel", "c/kernel"]).first("exploding").step == 300
