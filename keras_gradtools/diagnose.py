@@ -719,14 +719,28 @@ def dead_layer_rule(rows, keys, first_step=0, state=None, patience=50):
             evidence={"zero_steps": patience, "patience": patience},
             message=(f"{_span(layers)} got an exactly zero gradient for {patience} "
                      "consecutive steps: it does not learn at all."),
-            fixes=[
-                "Check that the layer is connected to the loss (Keras warns 'Gradients do "
-                "not exist for variables').",
-                "If it sits behind ReLUs that output only zeros (dead ReLUs), use LeakyReLU "
-                "or GELU, He initialization, or a lower learning rate.",
-            ],
+            fixes=_dead_fixes(len(layers) == len(keys)),
         ))
     return findings, state
+
+
+def _dead_fixes(everything):
+    if everything:  # every variable at once: nothing reaches the loss any more
+        return [
+            "Every gradient is exactly zero: the output has saturated. A softmax (or "
+            "sigmoid) output with a probability loss clips the probabilities at 1e-7 on "
+            "the JAX and PyTorch backends (TensorFlow recovers the logits), and then no "
+            "gradient flows back: output logits (`activation=None`) with "
+            "`from_logits=True` in the loss keep it flowing; then find what blew the "
+            "outputs up (an exploding finding before this one, a learning rate too high).",
+            "Check the data for a constant or empty batch stream.",
+        ]
+    return [
+        "Check that the layer is connected to the loss (Keras warns 'Gradients do "
+        "not exist for variables').",
+        "If it sits behind ReLUs that output only zeros (dead ReLUs), use LeakyReLU "
+        "or GELU, He initialization, or a lower learning rate.",
+    ]
 
 
 RULES = {

@@ -332,3 +332,14 @@ def test_a_recovery_from_zero_gradients_is_not_a_spike():
     assert report.kinds() == {"dead_layer"}
     rows[300] *= 1000.0  # a real spike after the recovery is still found
     assert diagnose_norms(rows, ["a/kernel", "b/kernel", "c/kernel"]).first("exploding").step == 300
+
+
+def test_every_gradient_zero_at_once_is_called_a_saturated_output():
+    rows = np.ones((120, 2))
+    rows[40:] = 0.0
+    finding = diagnose_norms(rows, ["a/kernel", "out/kernel"]).first("dead_layer")
+    assert finding.step == 40 and finding.layers == ["a/kernel", "out/kernel"]
+    assert "saturated" in finding.fixes[0] and "from_logits=True" in finding.fixes[0]
+    rows[:, 1] = 1.0  # one layer alone: the usual causes
+    finding = diagnose_norms(rows, ["a/kernel", "out/kernel"]).first("dead_layer")
+    assert finding.layers == ["a/kernel"] and "connected to the loss" in finding.fixes[0]
