@@ -588,7 +588,7 @@ def exploding_rule(rows, keys, first_step=0, state=None, alpha=0.97, zscore=3.0,
     rows = np.asarray(rows, dtype=float)
     n = len(keys)
     if state is None:
-        state = {"seen": 0, "mean": None, "var": np.zeros(n + 1), "fired": False}
+        state = {"mean": None, "var": np.zeros(n + 1), "fired": False}
     else:
         state = dict(state)
     findings = []
@@ -623,8 +623,8 @@ def exploding_rule(rows, keys, first_step=0, state=None, alpha=0.97, zscore=3.0,
             jump = np.where(valid, x / level, 0.0)
         bar = np.full(n + 1, layer_zscore)
         bar[0] = zscore
-        spiking = valid & (counts >= warmup) & (z > bar) & (jump >= ratio)
-        spiking |= x > ceiling
+        against_history = valid & (counts >= warmup) & (z > bar) & (jump >= ratio)
+        spiking = against_history | (x > ceiling)
         if not state["fired"] and spiking.any():
             state["fired"] = True
             step = first_step + i
@@ -635,8 +635,7 @@ def exploding_rule(rows, keys, first_step=0, state=None, alpha=0.97, zscore=3.0,
                 layers = grew or [keys[j] for j in sorted(order)]
             which = "global norm" if spiking[0] else _short(layers[0])
             j = 0 if spiking[0] else 1 + keys.index(layers[0])
-            by_ceiling = bool(x[j] > ceiling) and not (
-                state["seen"] >= warmup and z[j] > bar[j] and jump[j] >= ratio)
+            by_ceiling = not against_history[j]
             evidence = {
                 "series": "global" if spiking[0] else layers[0],
                 "norm": float(x[j]), "recent_level": float(level[j]),
@@ -672,7 +671,6 @@ def exploding_rule(rows, keys, first_step=0, state=None, alpha=0.97, zscore=3.0,
         mean = mean + (1 - alpha) * d
         var = np.where(valid, alpha * (var + (1 - alpha) * d * d), var)
         counts = counts + valid
-        state["seen"] += 1
     state["mean"], state["var"], state["counts"] = mean, var, counts
     return findings, state
 
