@@ -65,9 +65,7 @@ def _map(fn, grads):
 
 def _gradient_norm(g):
     """The L2 norm of one gradient (float32 scalar); sparse TF gradients as their dense sum."""
-    if _on_tensorflow():
-        return norms_lib.gradient_norm(g)
-    return ops.sqrt(ops.sum(ops.square(ops.cast(g, "float32"))))
+    return ops.sqrt(norms_lib.squared_norm(g))
 
 
 def _dense(g):
@@ -133,12 +131,9 @@ def clip_by_norm(grads, threshold):
 def global_norm(grads):
     """The L2 norm of all gradients together (float32 scalar tensor)."""
     present = [g for g in grads if g is not None]
-    if _on_tensorflow():
-        norms = norms_lib.gradient_norms(present)
-        return tf.sqrt(tf.reduce_sum(tf.square(norms)))
     if not present:
         return ops.zeros((), "float32")
-    return ops.sqrt(sum(ops.sum(ops.square(ops.cast(g, "float32"))) for g in present))
+    return ops.sqrt(sum(norms_lib.squared_norm(g) for g in present))
 
 
 def clip_by_global_norm(grads, threshold, norm=None):
@@ -593,7 +588,9 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
 
 def _replicas():
     if not _on_tensorflow():
-        return 1  # keras.distribution (JAX) is refused before training: see tap.check_backend
+        # JAX under keras.distribution.DataParallel: `apply` sees the global
+        # gradient already; other distributions are refused (tap.check_backend).
+        return 1
     context = tf.distribute.get_replica_context()
     return context.num_replicas_in_sync if context is not None else (
         tf.distribute.get_strategy().num_replicas_in_sync)

@@ -1,4 +1,5 @@
-"""Pure TensorFlow functions: per-variable gradient norms and variable naming.
+"""Pure functions: per-variable gradient norms and variable naming (TensorFlow, and
+`squared_norm` on every backend).
 
 Nothing here holds Keras state: every function takes tensors or variables
 and returns tensors or plain Python values, so it can run inside a compiled
@@ -176,6 +177,29 @@ def half_squared_norm(gradient):
         gradient = _dedup_indexed_slices(gradient)
     # l2_loss is one fused kernel (sum of squares / 2): one pass, one op.
     return tf.nn.l2_loss(tf.cast(gradient, tf.float32))
+
+
+def squared_norm(gradient):
+    """`sum(g ** 2)` of one gradient, as a float32 scalar, on any backend.
+
+    On TensorFlow `2 * half_squared_norm(gradient)` (sparse gradients as
+    their dense sum); on JAX and PyTorch `keras.ops` in float32. The one
+    place clipping and the recorder take a squared norm off TensorFlow.
+
+    Args:
+        gradient: a tensor (or, on TensorFlow, a `tf.IndexedSlices`).
+
+    Returns:
+        A scalar float32 tensor.
+
+    Example:
+
+    >>> float(squared_norm(tf.constant([3.0, 4.0])))
+    25.0
+    """
+    if keras.backend.backend() == "tensorflow":
+        return 2.0 * half_squared_norm(gradient)
+    return keras.ops.sum(keras.ops.square(keras.ops.cast(gradient, "float32")))
 
 
 def gradient_norm(gradient):

@@ -203,12 +203,12 @@ class GradNormRecorder:
         """
         shared = {} if shared is None else shared
         slots = self._slots(gradients, variables)
-        values = []
         if not self._tf:
             norms = self._ops_norms(slots, scale, shared)
             if self.histogram_freq:
                 self._ops_write_histograms(slots, scale)
             return norms
+        values = []
         for gradient in slots:
             if gradient is None:
                 values.append(tf.constant(0.0, tf.float32))
@@ -237,7 +237,7 @@ class GradNormRecorder:
                 values.append(ops.zeros((), "float32"))
                 continue
             if id(gradient) not in shared:
-                shared[id(gradient)] = ops.sum(ops.square(ops.cast(gradient, "float32")))
+                shared[id(gradient)] = norms_lib.squared_norm(gradient)
             values.append(shared[id(gradient)])
         if not values:
             return ops.zeros((0,), "float32")
@@ -252,7 +252,7 @@ class GradNormRecorder:
         hist, hist_steps = self._hist.value, self._hist_steps.value
 
         def write():
-            rows = ops.stack([_ops_histogram(gradient, variable, scale, self.histogram_buckets)
+            rows = ops.stack([_histogram(gradient, variable, scale, self.histogram_buckets)
                               for gradient, variable in zip(slots, self.variables)]
                              or [ops.zeros((self.histogram_buckets, 3))])
             slot = ops.reshape(ops.mod(step // self.histogram_freq, hist_steps.shape[0]),
@@ -527,11 +527,13 @@ def _read_only(view):
     return view
 
 
-def _ops_histogram(gradient, variable, scale, buckets):
-    """`_histogram` with `keras.ops` (JAX, PyTorch)."""
+def _histogram(gradient, variable, scale, buckets):
+    """`(buckets, 3)` rows `[left, right, count]` over a gradient's finite values (any backend)."""
     if gradient is None:
         values = ops.zeros((int(np.prod(variable.shape)),), "float32")
     else:
+        if keras.backend.backend() == "tensorflow" and isinstance(gradient, tf.IndexedSlices):
+            gradient = tf.convert_to_tensor(gradient)
         values = ops.reshape(ops.cast(gradient, "float32"), (-1,))
     if scale is not None:
         values = values / ops.cast(scale, "float32")
@@ -547,27 +549,3 @@ def _ops_histogram(gradient, variable, scale, buckets):
     counts = ops.segment_sum(ops.cast(finite, "float32"), ids, num_segments=buckets)
     edges = lo + width * ops.arange(buckets + 1, dtype="float32") / buckets
     return ops.stack([edges[:-1], edges[1:], counts], axis=1)
-
-
-def _histogram(gradient, variable, scale, buckets):
-    """`(buckets, 3)` rows `[left, right, count]` over a gradient's finite values."""
-    if gradient is None:
-        values = tf.zeros([tf.size(variable)], tf.float32)
-    else:
-        if isinstance(gradient, tf.IndexedSlices):
-            gradient = tf.convert_to_tensor(gradient)
-        values = tf.reshape(tf.cast(gradient, tf.float32), [-1])
-    if scale is not None:
-        values = values / tf.cast(scale, tf.float32)
-    finite = tf.math.is_finite(values)
-    lo = tf.reduce_min(tf.where(finite, values, np.inf))
-    hi = tf.reduce_max(tf.where(finite, values, -np.inf))
-    lo = tf.where(tf.math.is_finite(lo), lo, 0.0)
-    hi = tf.where(tf.math.is_finite(hi), hi, 0.0)
-    width = hi - lo
-    position = tf.where(width > 0, (values - lo) / tf.maximum(width, 1e-30) * buckets, 0.0)
-    position = tf.where(finite, position, 0.0)
-    ids = tf.clip_by_value(tf.cast(tf.floor(position), tf.int32), 0, buckets - 1)
-    counts = tf.math.unsorted_segment_sum(tf.cast(finite, tf.float32), ids, buckets)
-    edges = lo + width * tf.range(buckets + 1, dtype=tf.float32) / buckets
-    return tf.stack([edges[:-1], edges[1:], counts], axis=1)
