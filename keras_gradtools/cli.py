@@ -7,7 +7,7 @@ import click
 
 from keras_gradtools import cases
 
-BACKENDS = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}  # backend -> package
+BACKENDS = ("jax", "tensorflow", "torch")  # each backend's package has its name
 
 
 def _select_backend(ctx, param, value):
@@ -16,10 +16,10 @@ def _select_backend(ctx, param, value):
         return None
     import importlib.util
 
-    if importlib.util.find_spec(BACKENDS[value]) is None:
+    if importlib.util.find_spec(value) is None:
         extra = "" if value == "tensorflow" else f"[{value}]"
         raise click.BadParameter(
-            f"the {value} backend needs the {BACKENDS[value]} package: "
+            f"the {value} backend needs the {value} package: "
             f"pip install 'keras_gradtools{extra}'", ctx=ctx, param=param)
     keras = sys.modules.get("keras")
     if keras is not None and hasattr(keras, "backend") and keras.backend.backend() != value:
@@ -33,7 +33,7 @@ def _select_backend(ctx, param, value):
 def backend_option(f):
     """`--backend tensorflow|jax|torch`, applied before any other option is read."""
     return click.option(
-        "--backend", type=click.Choice(sorted(BACKENDS)), default=None, is_eager=True,
+        "--backend", type=click.Choice(BACKENDS), default=None, is_eager=True,
         expose_value=False, callback=_select_backend,
         help="The Keras backend to train on (default: the KERAS_BACKEND variable, else "
         "Keras' own setting, tensorflow).")(f)

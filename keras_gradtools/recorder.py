@@ -96,8 +96,6 @@ class GradNormRecorder:
         self.histogram_buckets = int(histogram_buckets)
         self._tf = keras.backend.backend() == "tensorflow"
         self._torch = keras.backend.backend() == "torch"
-        # How the host reads the device variables (JAX: from the trainer's state).
-        self.read_values = lambda variables: [v.value for v in variables]
         if not self._tf:
             # One column per variable, then the step's "skipped" flag.
             self._buffer = keras.Variable(np.zeros((capacity, width + 1), "float32"),
@@ -141,6 +139,14 @@ class GradNormRecorder:
         self._store = _RowStore(len(self.keys))
         self._hist_store = []
         self._hist_next = 0
+
+    def read_values(self, variables):
+        """The current values of device variables, as the host reads them.
+
+        On JAX, `GradNormLogger` replaces this on the instance while the
+        trainer holds the variables in its state (and deletes it after).
+        """
+        return [v.value for v in variables]
 
     @property
     def device_variables(self):

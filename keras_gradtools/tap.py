@@ -523,7 +523,7 @@ class _Instrumentation:
                 for variable, value in zip(variables, values):
                     variable.assign(value)
                 internals.release_variables(self.tap.apply_target, variables)
-                recorder.read_values = lambda vs: [v.value for v in vs]
+                del recorder.read_values  # back to the recorder's own reading
                 self.adopted.remove(recorder)
 
     def detach(self, recorders):
