@@ -147,9 +147,11 @@ def _shared():
 
 
 class _Subclassed(keras.Model):
-    def __init__(self):
-        super().__init__(name="subclassed")
-        self.h = keras.layers.Dense(8, activation="relu", name="h")
+    """Dense(8) then a softmax Dense(3), subclassed; the models below reuse its body."""
+
+    def __init__(self, name="subclassed", activation="relu"):
+        super().__init__(name=name)
+        self.h = keras.layers.Dense(8, activation=activation, name="h")
         self.out = keras.layers.Dense(3, activation="softmax", name="out")
 
     def call(self, x, training=None):
@@ -184,16 +186,11 @@ def _embedding():
                             name="embed_net")
 
 
-class _CustomStep(keras.Model):
+class _CustomStep(_Subclassed):
     """A train_step of one's own, as Keras' guides write it for this backend."""
 
     def __init__(self):
-        super().__init__(name="custom")
-        self.h = keras.layers.Dense(8, activation="tanh", name="h")
-        self.out = keras.layers.Dense(3, activation="softmax", name="out")
-
-    def call(self, x, training=None):
-        return self.out(self.h(x))
+        super().__init__(name="custom", activation="tanh")
 
     def _loss_and_updates(self, trainable, non_trainable, x, y):
         y_pred, non_trainable = self.stateless_call(trainable, non_trainable, x, training=True)
@@ -375,14 +372,9 @@ def main(tmp):
     else:
         from keras_gradtools import GradNormModel
 
-        class _Recording(GradNormModel):  # records in its own train step
+        class _Recording(_Subclassed, GradNormModel):  # records in its own train step
             def __init__(self):
-                super().__init__(name="gradnorm_model")
-                self.h = keras.layers.Dense(8, activation="tanh", name="h")
-                self.out = keras.layers.Dense(3, activation="softmax", name="out")
-
-            def call(self, x, training=None):
-                return self.out(self.h(x))
+                super().__init__(name="gradnorm_model", activation="tanh")
 
         result["models"].append(_compare("gradnorm_model", _Recording, x6, y))
         result["recording_loop"] = _torch_loop(x6, y)
