@@ -21,10 +21,12 @@ sys.modules["tensorflow"] = None  # the backends must run without TensorFlow
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
+from backend_checks import _Weights, _gradients  # noqa: E402  (this directory)
 from keras_gradtools import ClippedOptimizer, GradNormLogger, clipped_optimizer  # noqa: E402
 
 BACKEND = keras.backend.backend()
 LR, BATCH, STEPS = 2.0, 8, 6
+LOSS = keras.losses.get("sparse_categorical_crossentropy")
 PRESETS = {  # method -> (threshold, extra arguments): thresholds chosen so that every method clips
     "none": (None, {}), "value": (0.05, {}), "norm": (0.1, {}), "global_norm": (0.2, {}),
     "agc": (0.01, {}), "autoclip": (10.0, {"history_size": 4}),
@@ -36,31 +38,6 @@ def _mlp():
     return keras.Sequential([keras.Input((6,)),
                              keras.layers.Dense(8, activation="tanh", name="h"),
                              keras.layers.Dense(3, activation="softmax", name="out")], name="mlp")
-
-
-def _gradients(model, weights, x, y):
-    loss_fn = keras.losses.SparseCategoricalCrossentropy()
-    if BACKEND == "jax":
-        import jax
-
-        def loss(trainable):
-            y_pred, _ = model.stateless_call(trainable, [], x, training=True)
-            return loss_fn(y, y_pred)
-
-        return [np.asarray(g, np.float64) for g in jax.grad(loss)([jax.numpy.asarray(w)
-                                                                   for w in weights])]
-    import torch
-
-    current = [v.numpy() for v in model.trainable_variables]
-    for variable, value in zip(model.trainable_variables, weights):
-        variable.assign(value)
-    model.zero_grad()
-    loss_fn(torch.as_tensor(y), model(torch.as_tensor(x), training=True)).backward()
-    grads = [v.value.grad.detach().cpu().numpy().astype(np.float64)
-             for v in model.trainable_variables]
-    for variable, value in zip(model.trainable_variables, current):
-        variable.assign(value)
-    return grads
 
 
 def _unitwise(a):
@@ -122,12 +99,6 @@ class _Reference:
         return [g * min(1.0, applied / norm) for g in grads]
 
 
-class _Weights(keras.callbacks.Callback):
-    def on_train_batch_begin(self, batch, logs=None):
-        self.before = getattr(self, "before", [])
-        self.before.append([np.array(v.numpy(), np.float64) for v in self.model.trainable_variables])
-
-
 def _optimizer(method, wrapper=False):
     threshold, extra = PRESETS[method]
     if wrapper:
@@ -150,18 +121,18 @@ def _check(method, wrapper=False):
     model.compile(optimizer=_optimizer(method, wrapper), loss="sparse_categorical_crossentropy")
     weights, logger = _Weights(), GradNormLogger(include_biases=True)
     model.fit(x, y, batch_size=BATCH, shuffle=False, verbose=0, callbacks=[weights, logger])
-    after = weights.before[1:] + [[np.array(v.numpy(), np.float64)
-                                   for v in model.trainable_variables]]
+    before = [[np.asarray(w, np.float64) for w in ws] for ws in weights.before]
+    after = before[1:] + [[np.array(v.numpy(), np.float64) for v in model.trainable_variables]]
     reference = _Reference(method, *PRESETS[method])
     worst = worst_applied = 0.0
     clipped_steps = 0
     for step in range(STEPS):
         xb, yb = x[step * BATCH:(step + 1) * BATCH], y[step * BATCH:(step + 1) * BATCH]
-        grads = _gradients(model, weights.before[step], xb, yb)
-        expected = reference(grads, weights.before[step])
+        grads = _gradients(model, weights.before[step], xb, yb, LOSS)
+        expected = reference(grads, before[step])
         clipped_steps += any(not np.allclose(e, g, rtol=1e-9, atol=0)
                              for e, g in zip(expected, grads))
-        for e, w0, w1 in zip(expected, weights.before[step], after[step]):
+        for e, w0, w1 in zip(expected, before[step], after[step]):
             delta = (w0 - w1) / LR
             worst = max(worst, float(np.max(np.abs(delta - e)) / max(np.max(np.abs(e)), 1e-12)))
         if logger.applied_recorder is not None and method != "none":
