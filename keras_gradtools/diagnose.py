@@ -539,19 +539,27 @@ def vanishing_rule(rows, keys, first_step=0, state=None, ratio=1e-3, floor=1e-7,
 def exploding_rule(rows, keys, first_step=0, state=None, alpha=0.97, zscore=3.0,
                    ratio=10.0, warmup=100, ceiling=1e6, clipping=None, layer_zscore=5.0,
                    facts=None):
-    """Finds spikes of the global or a layer's norm against its recent history.
+    """Finds spikes of the global norm against its recent history, and the layers behind them.
 
     The global norm and each variable's norm are followed on the log scale
     by an exponential moving average of mean and variance (weight `alpha`
-    on the past, as ZClip does on the raw scale). A step spikes when, after
-    `warmup` steps, its log norm is more than `zscore` deviations above the
-    mean (`layer_zscore` for a single layer: with dozens of layers tested
-    at every step, a looser bar would cry wolf on healthy runs) *and* its
-    norm is at least `ratio` times the average level; or when a norm
-    exceeds `ceiling`. Non-finite steps are left to
-    `nonfinite_rule` and exact zeros to `dead_layer_rule`: neither enters the
-    averages (a series starts at its first positive norm), so a recovery
-    from zeros is not a spike.
+    on the past, as ZClip does on the raw scale). The global norm spikes
+    when, after `warmup` steps, its log norm is more than `zscore`
+    deviations above the mean *and* it is at least `ratio` times its average
+    level, or when it exceeds `ceiling`. The finding names the layers that
+    spiked against their own history at that step (`layer_zscore`, since
+    dozens of layers are tested at once), else those that grew `ratio`-fold,
+    else the three that grew most.
+
+    The verdict weighs harm, not one layer's surprise: a layer whose own
+    norm jumps while the global norm stays within `ratio` of its level did
+    not move the step the optimizer takes, and is not reported. (A
+    convolution followed by batch normalization is the common case: its
+    output does not depend on the kernel's scale, so the kernel's gradient
+    norm swings by orders of magnitude in healthy training.) Non-finite
+    steps are left to `nonfinite_rule` and exact zeros to
+    `dead_layer_rule`: neither enters the averages (a series starts at its
+    first positive norm), so a recovery from zeros is not a spike.
 
     If `clipping` describes the optimizer's clipping (e.g. `"clipnorm=1.0"`),
     the spike is absorbed by it and reported as `clipped_spike`, not as a
@@ -625,19 +633,18 @@ def exploding_rule(rows, keys, first_step=0, state=None, alpha=0.97, zscore=3.0,
         bar[0] = zscore
         against_history = valid & (counts >= warmup) & (z > bar) & (jump >= ratio)
         spiking = against_history | (x > ceiling)
-        if not state["fired"] and spiking.any():
+        if not state["fired"] and spiking[0]:
             state["fired"] = True
             step = first_step + i
             layers = [k for k, s in zip(keys, spiking[1:]) if s]
-            if not layers:  # only the global norm spiked: name the layers that grew
+            if not layers:  # no layer beat its own bar: name the layers that grew
                 grew = [k for k, jmp in zip(keys, jump[1:]) if jmp >= ratio]
                 order = np.argsort(-jump[1:])[:3]
                 layers = grew or [keys[j] for j in sorted(order)]
-            which = "global norm" if spiking[0] else _short(layers[0])
-            j = 0 if spiking[0] else 1 + keys.index(layers[0])
+            which, j = "global norm", 0
             by_ceiling = not against_history[j]
             evidence = {
-                "series": "global" if spiking[0] else layers[0],
+                "series": "global",
                 "norm": float(x[j]), "recent_level": float(level[j]),
                 "jump": float(jump[j]), "zscore": float(z[j]),
                 "zscore_threshold": float(bar[j]), "ratio_threshold": ratio,
