@@ -17,6 +17,7 @@ from keras_gradtools import internals
 from keras_gradtools import norms as norms_lib
 from keras_gradtools import runs
 from keras_gradtools import tap
+from keras_gradtools.activations import ActivationProbe, ActivationRecord
 from keras_gradtools.facts import model_facts
 from keras_gradtools.recorder import GradNormRecorder
 
@@ -119,6 +120,26 @@ class GradNormLogger(keras.callbacks.Callback):
             Defaults to `None`.
         run_write_interval: seconds between two writes of the norms into
             `run_dir` within an epoch. Defaults to `30`.
+        probe_data: a fixed batch of inputs (a few dozen samples, as the
+            model takes them) on which each hidden layer's activations are
+            measured every `activation_freq` steps (see
+            `keras_gradtools.activations`: mean, std, saturated fraction,
+            dead units, mean local derivative), or `None` for no activation
+            statistics. Defaults to `None`.
+        activation_freq: steps between two activation probes (the first
+            runs before step 0). Defaults to `200`.
+        activation_layers: names of the layers to watch, or `None` for every
+            hidden layer with an activation. Defaults to `None`.
+        activation_outputs: for a subclassed model, `fn(model, x) ->
+            {layer_name: output}` giving the outputs to watch. Defaults to
+            `None`.
+        update_ratio: also record, per variable and step, the update-to-
+            weight ratio `||w_after - w_before|| / ||w_before||` of the update
+            the optimizer applied (`update_ratios`), taken in the train
+            step; it costs a copy of the recorded weights per step, so it is
+            off by default (docs/benchmarks.md has its measured cost). One
+            device or `keras.distribution` only, not several
+            `tf.distribute` replicas. Defaults to `False`.
 
     Example:
 
@@ -140,9 +161,11 @@ class GradNormLogger(keras.callbacks.Callback):
 
     def __init__(self, include_biases=False, flush_every=256, log_dir=None,
                  update_freq=50, histogram_freq=0, histogram_buckets=30, run_dir=None,
-                 run_write_interval=30):
+                 run_write_interval=30, probe_data=None, activation_freq=200,
+                 activation_layers=None, activation_outputs=None, update_ratio=False):
         super().__init__()
         for name, value, low in (("flush_every", flush_every, 1), ("update_freq", update_freq, 1),
+                                 ("activation_freq", activation_freq, 1),
                                  ("histogram_freq", histogram_freq, 0),
                                  ("histogram_buckets", histogram_buckets, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -159,6 +182,28 @@ class GradNormLogger(keras.callbacks.Callback):
                 f"Received: run_write_interval={run_write_interval!r}"
             )
         self.run_write_interval = run_write_interval
+        self.probe_data = _check_probe_data(probe_data)
+        self.activation_freq = activation_freq
+        if activation_layers is not None and (
+                isinstance(activation_layers, str)
+                or not all(isinstance(n, str) for n in activation_layers)):
+            raise ValueError("`activation_layers` must be a list of layer names or None. "
+                             f"Received: activation_layers={activation_layers!r}")
+        self.activation_layers = None if activation_layers is None else list(activation_layers)
+        if activation_outputs is not None and not callable(activation_outputs):
+            raise ValueError("`activation_outputs` must be a function `fn(model, x) -> "
+                             "{layer_name: output}` or None. Received: "
+                             f"activation_outputs={activation_outputs!r}")
+        self.activation_outputs = activation_outputs
+        if not isinstance(update_ratio, bool):
+            raise ValueError(f"`update_ratio` must be True or False. Received: "
+                             f"update_ratio={update_ratio!r}")
+        self.update_ratio = update_ratio
+        self.activations = ActivationRecord()
+        self.update_recorder = None
+        self._probe = None
+        self._steps_begun = 0
+        self._next_probe = 0
         self._run_written = None
         self._epoch_history = {}
         self.update_freq = update_freq
@@ -241,6 +286,18 @@ class GradNormLogger(keras.callbacks.Callback):
             return np.zeros(0)
         return norms_lib.global_norm(self.applied_recorder.norms)
 
+    @property
+    def update_ratios(self):
+        """Dict `key -> 1-D array` of per-step update-to-weight ratios, or `{}`.
+
+        Filled with `update_ratio=True`: `||w_after - w_before|| / ||w_before||`
+        of each recorded variable at each step, from the update the
+        optimizer applied (NaN where the weight was 0; 0 on a skipped step).
+        """
+        if self.update_recorder is None:
+            return {}
+        return self.update_recorder.history
+
     def save(self, path):
         """Writes the per-step norms to a `.csv` or `.json` file.
 
@@ -294,6 +351,10 @@ class GradNormLogger(keras.callbacks.Callback):
             data["applied_norms"] = [
                 [runs.json_float(v) for v in row] for row in self.applied_recorder.norms
             ]
+        if self.update_recorder is not None:
+            data["update_ratios"] = [
+                [runs.json_float(v) for v in row] for row in self.update_recorder.norms
+            ]
         return data
 
     # ------------------------------------------------------------------
@@ -339,6 +400,9 @@ class GradNormLogger(keras.callbacks.Callback):
             return
         runs.write_json(os.path.join(self.run_dir, "grad_norms.json"), self._recording_data())
         runs.write_json(os.path.join(self.run_dir, "history.json"), self._epoch_history)
+        if self._probe is not None:
+            runs.write_json(os.path.join(self.run_dir, "activations.json"),
+                            self.activations.to_dict())
         self._run_written = time.monotonic()
 
     def write_findings(self, report):
@@ -420,6 +484,7 @@ class GradNormLogger(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         tap.check_backend()
         self.is_chief = True
+        replicas = 1
         if keras.backend.backend() == "tensorflow":
             strategy = (getattr(self.model, "distribute_strategy", None)
                         or tf.distribute.get_strategy())
@@ -452,10 +517,33 @@ class GradNormLogger(keras.callbacks.Callback):
                 include_biases=self.include_biases,
                 capacity=recorder.capacity,
             )
+        update_recorder = None
+        if self.update_ratio:
+            if keras.backend.backend() == "tensorflow" and replicas > 1:
+                raise ValueError(
+                    "`update_ratio=True` records on one replica; under tf.distribute with "
+                    f"{replicas} replicas it is not supported. Received: update_ratio=True")
+            update_recorder = GradNormRecorder(
+                self.model.trainable_variables,
+                include_biases=self.include_biases,
+                capacity=recorder.capacity,
+            )
+        probe = None
+        if self.probe_data is not None:
+            # Built and run once here: a subclassed model, an unknown layer or
+            # probe data of the wrong shape is refused before any step.
+            probe = ActivationProbe(self.model, self.probe_data, self.activation_layers,
+                                    self.activation_outputs)
+            first_stats = _run_probe(probe)
         if self.run_dir is not None and self.is_chief:
             runs.new_run_dir(self.run_dir)  # refused before anything else changes
         # A fresh recording: the previous fit's is kept until here.
         self.recorder, self.applied_recorder = recorder, applied_recorder
+        self.update_recorder = update_recorder
+        self._probe = probe
+        self.activations = ActivationRecord()
+        self._steps_begun = 0
+        self._next_probe = self.activation_freq
         self.epoch_end_steps = []
         self._calls_since_flush = 0
         self._published = 0
@@ -467,15 +555,33 @@ class GradNormLogger(keras.callbacks.Callback):
             self._start_run()
         if self.log_dir is not None and self.is_chief:
             self.writer = GradientSummaryWriter(self.log_dir)
+        if probe is not None:
+            self._keep_probe(0, first_stats)
         self._restore = tap.instrument_model(
             self.model, [self.recorder],
             applied_recorders=[self.applied_recorder] if self.applied_recorder else [],
+            update_recorders=[self.update_recorder] if self.update_recorder else [],
         )
+
+    def _keep_probe(self, step, stats_and_outputs):
+        """Stores one probe's statistics (taken before `step`) and writes their summaries."""
+        stats, outputs = stats_and_outputs
+        self.activations.append(step, stats)
+        if self.writer is not None:
+            self.writer.activations(self._first_iteration + step, stats, outputs,
+                                    self.histogram_buckets)
 
     # Keras dispatches batch-*end* hooks asynchronously only when no
     # callback overrides them, so the logger uses the batch-begin hook, which
     # is called with no logs and costs a Python call per step.
     def on_train_batch_begin(self, batch, logs=None):
+        if self._probe is not None and self._steps_begun >= self._next_probe:
+            # `self.model` syncs the JAX trainer's state into the variables.
+            self._probe.model = self.model
+            self._keep_probe(self._steps_begun, _run_probe(self._probe))
+            self._next_probe = (self._steps_begun - self._steps_begun % self.activation_freq
+                                + self.activation_freq)
+        self._steps_begun += self._steps_per_call
         self._calls_since_flush += 1
         if self._calls_since_flush * self._steps_per_call >= self.flush_every:
             self.flush()
@@ -522,6 +628,33 @@ class GradNormLogger(keras.callbacks.Callback):
             if self.writer is not None:
                 self.writer.close()
                 self.writer = None
+
+
+def _check_probe_data(data):
+    """`probe_data` as given, after refusing an empty or non-finite batch."""
+    if data is None:
+        return None
+    arrays = list(data.values()) if isinstance(data, dict) else (
+        list(data) if isinstance(data, (list, tuple)) else [data])
+    for array in arrays:
+        try:
+            values = np.asarray(array)
+        except (TypeError, ValueError):
+            continue  # a tensor type NumPy cannot read here: checked when probed
+        if values.ndim == 0 or len(values) == 0:
+            raise ValueError("`probe_data` must be a non-empty batch of inputs. Received: "
+                             f"probe_data with shape {values.shape}")
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            raise ValueError("`probe_data` holds NaN or Inf values; activation statistics "
+                             "need finite inputs. Received: probe_data with "
+                             f"{int((~np.isfinite(values)).sum())} non-finite values")
+    return data
+
+
+def _run_probe(probe):
+    """`(stats, outputs)` of one probe, the outputs kept for TensorBoard histograms."""
+    stats = probe()
+    return stats, probe.last_outputs
 
 
 _SUPPORTED_STRATEGIES = ("MirroredStrategy", "MultiWorkerMirroredStrategy",

@@ -113,6 +113,32 @@ class GradientSummaryWriter:
         if values:
             self._event(step, values)
 
+    def activations(self, step, stats, outputs=None, buckets=30):
+        """Writes a probe's `activation/<layer>/<stat>` scalars and `activation_hist/<layer>`.
+
+        `stats` is `{layer: layer_stats}` (see `keras_gradtools.activations`);
+        statistics that do not apply to a layer (`None`) are not written;
+        `outputs` (`{layer: values}`) gives the histograms, bucketed with NumPy.
+        """
+        values = []
+        for layer, entry in stats.items():
+            for name in ("mean", "std", "saturated", "dead", "gain"):
+                value = entry.get(name)
+                if value is not None and np.isfinite(value):
+                    values.append(self._scalar(f"activation/{layer}/{name}", value))
+        for layer, array in (outputs or {}).items():
+            array = np.asarray(array, np.float64).reshape(-1)
+            array = array[np.isfinite(array)]
+            if not array.size:
+                continue
+            counts, edges = np.histogram(array, bins=buckets)
+            rows = np.stack([edges[:-1], edges[1:], counts], axis=1)
+            values.append(self._value(f"activation_hist/{layer}",
+                                      tensor_util.make_tensor_proto(rows),
+                                      self._histogram_metadata))
+        if values:
+            self._event(step, values)
+
     def text(self, tag, text, step):
         """Writes a text summary (a finding) at `step`, flushed at once."""
         tensor = tensor_pb2.TensorProto(

@@ -26,6 +26,8 @@ optimizer's state) to `_Instrumentation.adopt`.
 
 import functools
 
+import numpy as np
+
 import keras
 from keras_gradtools._tensorflow import tf
 from keras import ops
@@ -94,6 +96,10 @@ class GradientTap:
         applied_recorders: `GradNormRecorder`s fed the gradients after the
             optimizer's clipping (`ClippedOptimizer` or Keras' own
             arguments); nothing when the optimizer does not clip.
+        update_recorders: `GradNormRecorder`s fed, per variable, the
+            update-to-weight ratio `||w_after - w_before|| / ||w_before||`
+            of the step the optimizer applied (NaN where `||w_before||` is
+            0; 0 on a skipped step). One replica only.
     """
 
     def __init__(self, optimizer, strategy=None):
@@ -102,6 +108,7 @@ class GradientTap:
         self.layout = clipping.layout(optimizer)
         self.recorders = []
         self.applied_recorders = []
+        self.update_recorders = []
         self._entered = None
         self.replicas = self.local_replicas = 1
         # Whose `apply` is tapped. On JAX a LossScaleOptimizer applies through
@@ -200,9 +207,13 @@ class GradientTap:
             # The loss-scale optimizer skips a step whose scaled gradients
             # are not all finite: its own public test, on the same gradients.
             skipped = ops.logical_not(self.layout.loss_scale.check_finite(grads))
+        before = [(recorder, update_snapshot(recorder.variables))
+                  for recorder in self.update_recorders]
         result = apply(grads, trainable_variables)
         for recorder, norms in pending:
             recorder.write(norms, skipped)
+        for recorder, values in before:
+            recorder.write(update_ratios(values, recorder.variables), skipped)
         if self.applied_recorders and self.layout.keras_clipping:
             unscaled = grads if scale is None else [
                 None if g is None else g / ops.cast(scale, g.dtype) for g in grads
@@ -218,7 +229,7 @@ class GradientTap:
             optimizer_variables, trainable_variables)
         state = self.jax_loss_scale.variables
         with keras.StatelessScope(state_mapping=list(zip(state, optimizer_variables))) as scope:
-            for recorder in self.recorders + self.applied_recorders:
+            for recorder in self.recorders + self.applied_recorders + self.update_recorders:
                 recorder.write_skipped()
         return trainable_variables, [scope.get_current_value(v) for v in state]
 
@@ -272,6 +283,42 @@ class GradientTap:
             for recorder in self.recorders + self.applied_recorders:
                 recorder.write_skipped()
         return result
+
+
+def update_snapshot(variables):
+    """The variables' values before the optimizer updates them (a copy on PyTorch)."""
+    if keras.backend.backend() == "torch":
+        return [v.value.detach().clone() for v in variables]
+    if keras.backend.backend() == "tensorflow":
+        # Read now: automatic control dependencies order this read before
+        # the optimizer's assignment to the same variable.
+        return [tf.identity(v.value) for v in variables]
+    return [v.value for v in variables]  # JAX: immutable arrays, read in the scope
+
+
+def update_ratios(before, variables):
+    """`||w_after - w_before|| / ||w_before||` per variable, float32 (NaN where `w_before` is 0).
+
+    Read after the optimizer's update: the variables' values now are
+    `w_after`.
+    """
+    from keras_gradtools.norms import squared_norm
+
+    if not variables:
+        return ops.zeros((0,), "float32")
+    if keras.backend.backend() == "torch":
+        import torch
+
+        with torch.no_grad():
+            steps = torch.stack([torch.linalg.vector_norm(
+                v.value.detach() - old, dtype=torch.float32) for v, old in zip(variables, before)])
+            sizes = torch.stack([torch.linalg.vector_norm(old, dtype=torch.float32)
+                                 for old in before])
+            return torch.where(sizes > 0, steps / sizes, torch.full_like(sizes, float("nan")))
+    steps = ops.sqrt(ops.stack([squared_norm(ops.subtract(v.value, old))
+                                for v, old in zip(variables, before)]))
+    sizes = ops.sqrt(ops.stack([squared_norm(old) for old in before]))
+    return ops.where(sizes > 0, steps / ops.where(sizes > 0, sizes, 1.0), np.nan)
 
 
 def ordered_after(shared, gradients):
@@ -386,7 +433,7 @@ def is_chief(strategy=None):
     return bool(getattr(strategy.extended, "should_checkpoint", True))
 
 
-def instrument_model(model, recorders, applied_recorders=()):
+def instrument_model(model, recorders, applied_recorders=(), update_recorders=()):
     """Makes `model`'s train function record gradient norms into `recorders`.
 
     A `GradientTap` on the model's optimizer is entered *only while the
@@ -420,6 +467,8 @@ def instrument_model(model, recorders, applied_recorders=()):
         recorders: list of `GradNormRecorder` to feed.
         applied_recorders: list of `GradNormRecorder` for post-clip norms.
             Defaults to `()`.
+        update_recorders: list of `GradNormRecorder` for the update-to-
+            weight ratios (see `GradientTap`). Defaults to `()`.
 
     Returns:
         A function `restore()` that detaches these recorders.
@@ -431,11 +480,13 @@ def instrument_model(model, recorders, applied_recorders=()):
     check_backend()
     recorders = list(recorders)
     applied_recorders = list(applied_recorders)
+    update_recorders = list(update_recorders)
     strategy = None
     if keras.backend.backend() == "tensorflow":
         strategy = getattr(model, "distribute_strategy", None) or tf.distribute.get_strategy()
     native = getattr(model, "gradtools_recorders", None)
-    if isinstance(native, list) and (strategy is None or strategy.num_replicas_in_sync == 1):
+    if isinstance(native, list) and not update_recorders and (
+            strategy is None or strategy.num_replicas_in_sync == 1):
         native.extend(recorders)
         model.make_train_function(force=True)
 
@@ -457,10 +508,11 @@ def instrument_model(model, recorders, applied_recorders=()):
         current = _Instrumentation(model)
     current.tap.recorders.extend(recorders)
     current.tap.applied_recorders.extend(applied_recorders)
-    current.adopt(recorders + applied_recorders)
+    current.tap.update_recorders.extend(update_recorders)
+    current.adopt(recorders + applied_recorders + update_recorders)
 
     def restore():
-        current.detach(recorders + applied_recorders)
+        current.detach(recorders + applied_recorders + update_recorders)
 
     return restore
 
@@ -529,10 +581,11 @@ class _Instrumentation:
     def detach(self, recorders):
         self.release(recorders)
         for recorder in recorders:
-            for group in (self.tap.recorders, self.tap.applied_recorders):
+            for group in (self.tap.recorders, self.tap.applied_recorders,
+                          self.tap.update_recorders):
                 if recorder in group:
                     group.remove(recorder)
-        if not self.tap.recorders and not self.tap.applied_recorders:
+        if not (self.tap.recorders or self.tap.applied_recorders or self.tap.update_recorders):
             self.restore()
         elif keras.backend.backend() == "jax" and self.active:
             self._rebuild()
@@ -544,6 +597,7 @@ class _Instrumentation:
         self.release(list(self.adopted))
         self.tap.recorders = []
         self.tap.applied_recorders = []
+        self.tap.update_recorders = []
         if self.model.train_function is self.train_function:
             internals.set_train_function(self.model, self.previous)
 

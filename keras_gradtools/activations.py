@@ -1,0 +1,377 @@
+"""Activation statistics per layer, on a fixed probe batch: what the units do.
+
+Gradients say *that* a layer starves; the activations say *why*. Every
+`freq` steps an `ActivationProbe` runs the model forward on a fixed batch
+(`probe_data`, a few dozen samples the user picks) and reduces each watched
+layer's output on the host to:
+
+- `mean`, `std`: of all the layer's output values (Glorot & Bengio 2010,
+  Figure 2 follows these per layer over training);
+- `saturated`: for bounded activations, the fraction of values in the flat
+  tails (sigmoid and hard_sigmoid below 0.02 or above 0.98 of their range,
+  tanh and softsign beyond 0.98 in absolute value), `None` otherwise;
+- `dead`: for ReLU and ReLU6, the fraction of units (the last axis:
+  features, or channels of a convolution) that output 0 for every sample
+  and position of the probe batch, `None` otherwise;
+- `gain`: the mean local derivative of the activation at the layer's
+  values (`a(1-a)` for sigmoid, `1-a^2` for tanh, 1 for linear, ...): the
+  factor by which this activation scales the gradient on its way down,
+  `None` where the output does not determine it (GELU and SiLU fused into
+  a layer; an `Activation` layer of its own is read at its input, exactly).
+
+Which layers are watched: every layer of a `Sequential` or Functional model
+that has an `activation` (Dense, convolutions, ...) or is an activation
+layer (`Activation`, `ReLU`, `LeakyReLU`, `ELU`), except the model's output
+layers; or the layers named in `layers`. A subclassed model does not expose
+its layers' outputs: give `outputs_fn(model, x) -> {layer_name: tensor}`,
+a function that runs the model's own layers on `x` and returns the outputs
+to watch (the names must be layers of the model, `model.get_layer(name)`),
+or watch it without activation statistics.
+
+The reduction runs on the host (NumPy), from one `predict_on_batch` of a
+model that outputs the watched layers (built once, sharing the weights):
+no change to the train step, on every backend.
+"""
+
+import numpy as np
+import keras
+
+_SATURATION = 0.02  # distance from the bound, as a fraction of the range
+_BOUNDED = ("sigmoid", "hard_sigmoid", "tanh", "softsign")
+_DEAD = ("relu", "relu6")
+_FROM_INPUT = ("gelu", "silu", "swish")
+
+
+def _activation_name(activation):
+    if activation is None:
+        return "linear"
+    name = getattr(activation, "__name__", None) or type(activation).__name__
+    return name.lower()
+
+
+def activation_of(layer):
+    """`(name, params)` of a layer's activation, or `None` if it has none.
+
+    `name` is the activation's function name (`"sigmoid"`, `"relu"`,
+    `"leaky_relu"`, ...); `params` holds what its derivative needs
+    (`negative_slope`, `alpha`, `max_value`).
+
+    Example:
+
+    >>> activation_of(keras.layers.Dense(3, activation="tanh"))
+    ('tanh', {})
+    >>> activation_of(keras.layers.LeakyReLU(negative_slope=0.1))
+    ('leaky_relu', {'negative_slope': 0.1})
+    """
+    kind = type(layer).__name__
+    if kind == "ReLU":
+        slope = float(getattr(layer, "negative_slope", 0.0) or 0.0)
+        if slope:
+            return "leaky_relu", {"negative_slope": slope}
+        max_value = getattr(layer, "max_value", None)
+        return ("relu6" if max_value == 6 else "relu"), (
+            {"max_value": float(max_value)} if max_value not in (None, 6) else {})
+    if kind == "LeakyReLU":
+        return "leaky_relu", {"negative_slope": float(layer.negative_slope)}
+    if kind == "ELU":
+        return "elu", {"alpha": float(getattr(layer, "alpha", 1.0))}
+    if isinstance(layer, keras.layers.Layer) and hasattr(layer, "activation") and not isinstance(
+            layer, keras.Model):
+        name = _activation_name(layer.activation)
+        if name == "leaky_relu":
+            return name, {"negative_slope": 0.2}  # keras.activations.leaky_relu's default
+        return name, {}
+    return None
+
+
+def _gain(values, name, params, inputs=None):
+    """The mean local derivative of activation `name` at output `values` (or `inputs`)."""
+    a = values
+    if inputs is not None and name in _FROM_INPUT:
+        z = inputs
+        if name == "gelu":  # exact GELU: Phi(z) + z phi(z)
+            from math import sqrt, pi
+            erf = np.vectorize(__import__("math").erf, otypes=[np.float64])
+            cdf = 0.5 * (1.0 + erf(z / sqrt(2.0)))
+            return float(np.mean(cdf + z * np.exp(-0.5 * z * z) / sqrt(2.0 * pi)))
+        s = 1.0 / (1.0 + np.exp(-z))
+        return float(np.mean(s * (1.0 + z * (1.0 - s))))
+    if name == "sigmoid":
+        return float(np.mean(a * (1.0 - a)))
+    if name == "hard_sigmoid":
+        return float(np.mean(((a > 0) & (a < 1)) / 6.0))
+    if name == "tanh":
+        return float(np.mean(1.0 - a * a))
+    if name == "softsign":
+        return float(np.mean((1.0 - np.abs(a)) ** 2))
+    if name == "relu":
+        top = params.get("max_value")
+        return float(np.mean((a > 0) if top is None else (a > 0) & (a < top)))
+    if name == "relu6":
+        return float(np.mean((a > 0) & (a < 6)))
+    if name == "leaky_relu":
+        return float(np.mean(np.where(a > 0, 1.0, params.get("negative_slope", 0.2))))
+    if name == "elu":
+        return float(np.mean(np.where(a > 0, 1.0, a + params.get("alpha", 1.0))))
+    if name == "selu":
+        scale, alpha = 1.0507009873554805, 1.6732632423543772
+        return float(np.mean(np.where(a > 0, scale, a + scale * alpha)))
+    if name == "softplus":
+        return float(np.mean(1.0 - np.exp(-a)))
+    if name == "exponential":
+        return float(np.mean(a))
+    if name == "linear":
+        return 1.0
+    return None
+
+
+def layer_stats(values, name, params=None, inputs=None):
+    """Statistics of one layer's output on the probe batch.
+
+    Args:
+        values: the layer's output, `(batch, ..., units)`.
+        name: its activation's name (see `activation_of`).
+        params: the activation's parameters. Defaults to `None`.
+        inputs: the activation's input, when read (an activation layer of
+            its own), or `None`. Defaults to `None`.
+
+    Returns:
+        A dict with `activation`, `mean`, `std`, `saturated`, `dead`, `gain`
+        (see the module docstring; `None` where it does not apply).
+
+    Example:
+
+    >>> stats = layer_stats(np.array([[0.5, 0.99], [0.5, 0.01]]), "sigmoid")
+    >>> stats["mean"], stats["saturated"], round(stats["gain"], 4)
+    (0.5, 0.5, 0.1299)
+    """
+    params = params or {}
+    a = np.asarray(values, np.float64)
+    z = None if inputs is None else np.asarray(inputs, np.float64)
+    finite = np.isfinite(a)
+    if not finite.all():
+        return {"activation": name, "mean": float("nan"), "std": float("nan"),
+                "saturated": None, "dead": None, "gain": None}
+    saturated = dead = None
+    if name in ("sigmoid", "hard_sigmoid"):
+        saturated = float(np.mean((a < _SATURATION) | (a > 1.0 - _SATURATION)))
+    elif name in ("tanh", "softsign"):
+        saturated = float(np.mean(np.abs(a) > 1.0 - _SATURATION))
+    if name in _DEAD and a.ndim >= 2:
+        units = a.reshape(-1, a.shape[-1])
+        dead = float(np.mean(np.all(units <= 0.0, axis=0)))
+    return {"activation": name, "mean": float(a.mean()), "std": float(a.std()),
+            "saturated": saturated, "dead": dead, "gain": _gain(a, name, params, z)}
+
+
+def _layer_path(layer):
+    """The layer's path as in the recorded keys (its first weight's, without the name)."""
+    from keras_gradtools import norms as norms_lib
+
+    for variable in layer.weights:
+        return norms_lib.variable_key(variable).rsplit("/", 1)[0]
+    return layer.name
+
+
+class ActivationProbe:
+    """Runs a model on a fixed probe batch and reduces each watched layer's output.
+
+    Args:
+        model: a built Keras model.
+        data: the probe batch: inputs as the model takes them (an array, or
+            a list/dict of arrays), a few dozen samples.
+        layers: names of the layers to watch, or `None` for every hidden
+            layer with an activation (see the module docstring). Defaults to
+            `None`.
+        outputs_fn: for subclassed models, `fn(model, x) -> {layer_name:
+            output}` that returns the outputs to watch; `None` otherwise.
+            Defaults to `None`.
+
+    Attributes:
+        names: the watched layers' paths (as in the recorded keys, e.g.
+            `"deep/dense_3"`), input to output.
+
+    Raises:
+        ValueError: for a subclassed model without `outputs_fn`, an unknown
+            layer name, a layer without an activation, or no layer to watch.
+
+    Example:
+
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, "sigmoid"),
+    ...                           keras.layers.Dense(2, "softmax")], name="net")
+    >>> probe = ActivationProbe(model, np.zeros((8, 3)))
+    >>> stats = probe()
+    >>> list(stats), stats["net/dense"]["mean"]
+    (['net/dense'], 0.5)
+    """
+
+    def __init__(self, model, data, layers=None, outputs_fn=None):
+        self.model = model
+        self.data = data
+        self.outputs_fn = outputs_fn
+        self.last_outputs = {}
+        if outputs_fn is not None:
+            if not callable(outputs_fn):
+                raise ValueError(
+                    "`outputs_fn` must be a function `fn(model, x) -> {layer_name: output}`. "
+                    f"Received: outputs_fn={outputs_fn!r}")
+            self._watched = None  # known at the first call
+            self.names = []
+            return
+        inputs = getattr(model, "inputs", None) if _is_graph(model) else None
+        if not inputs:
+            raise ValueError(
+                "Activation statistics need the outputs of the model's layers, which a "
+                f"subclassed model ({type(model).__name__}) does not expose. Pass "
+                "`activation_outputs=fn` (`fn(model, x) -> {layer_name: output}`, running "
+                "the model's own layers on `x`), or leave `probe_data` unset. Received: "
+                f"model={model.name!r}")
+        self._watched = self._choose(model, layers)
+        outputs = []
+        for layer, name, _params in self._watched:
+            outputs.append(layer.output)
+            if name in _FROM_INPUT and isinstance(layer, keras.layers.Activation):
+                outputs.append(layer.input)
+        self._probe = keras.Model(inputs[0] if len(inputs) == 1 else inputs, outputs,
+                                  name=f"{model.name}_activations")
+        self.names = [_layer_path(layer) for layer, _, _ in self._watched]
+
+    @staticmethod
+    def _choose(model, layers):
+        output_ids = {id(t) for t in (model.outputs or [])}
+        watched, by_name = [], {layer.name: layer for layer in model.layers}
+        if layers is not None:
+            for name in layers:
+                if name not in by_name:
+                    raise ValueError(
+                        f"No layer named {name!r} in model {model.name!r}; its layers are "
+                        f"{', '.join(by_name)}. Received: layers={layers!r}")
+                found = activation_of(by_name[name])
+                if found is None:
+                    raise ValueError(
+                        f"Layer {name!r} has no activation to watch. Received: "
+                        f"layers={layers!r}")
+                watched.append((by_name[name], *found))
+            return watched
+        for layer in model.layers:
+            found = activation_of(layer)
+            if found is None or found[0] == "softmax":
+                continue
+            try:
+                output = layer.output
+            except (AttributeError, ValueError):  # a layer called several times
+                continue
+            if id(output) in output_ids:
+                continue
+            watched.append((layer, *found))
+        if not watched:
+            raise ValueError(
+                f"Model {model.name!r} has no hidden layer with an activation to watch. "
+                f"Received: layers={layers!r}")
+        return watched
+
+    def __call__(self):
+        """The statistics now: `{layer_path: stats}` (see `layer_stats`), input to output."""
+        if self.outputs_fn is not None:
+            return self._call_fn()
+        outputs = self._probe.predict_on_batch(self.data)
+        if not isinstance(outputs, (list, tuple)):
+            outputs = [outputs]
+        outputs = list(outputs)
+        stats, self.last_outputs = {}, {}
+        for (layer, name, params), path in zip(self._watched, self.names):
+            values = np.asarray(outputs.pop(0))
+            self.last_outputs[path] = values
+            z = None
+            if name in _FROM_INPUT and isinstance(layer, keras.layers.Activation):
+                z = outputs.pop(0)
+            stats[path] = layer_stats(values, name, params, z)
+        return stats
+
+    def _call_fn(self):
+        result = self.outputs_fn(self.model, self.data)
+        if not isinstance(result, dict):
+            raise ValueError(
+                "`outputs_fn` must return a dict `{layer_name: output}`. "
+                f"Received: {type(result).__name__}")
+        stats, self.last_outputs = {}, {}
+        for name, value in result.items():
+            try:
+                layer = self.model.get_layer(name)
+            except ValueError as error:
+                raise ValueError(
+                    f"`outputs_fn` returned {name!r}, which is not a layer of the model "
+                    f"({error})") from None
+            found = activation_of(layer) or ("linear", {})
+            value = keras.ops.convert_to_numpy(value)
+            self.last_outputs[_layer_path(layer)] = value
+            stats[_layer_path(layer)] = layer_stats(value, *found)
+        self.names = list(stats)
+        return stats
+
+
+def _is_graph(model):
+    """Whether the model is Sequential or Functional (its layers' outputs are reachable)."""
+    return isinstance(model, keras.Sequential) or type(model).__name__ == "Functional" or (
+        isinstance(model, keras.Model) and isinstance(
+            getattr(model, "outputs", None), (list, tuple)) and bool(model.outputs)
+        and isinstance(getattr(model, "inputs", None), (list, tuple)) and bool(model.inputs))
+
+
+class ActivationRecord:
+    """Probe statistics over training: one entry per probe step.
+
+    Attributes:
+        steps: the 0-based training steps at which the probe ran (before
+            that step's update).
+        stats: one `{layer_path: stats}` dict per step.
+    """
+
+    def __init__(self, steps=None, stats=None):
+        self.steps = list(steps or [])
+        self.stats = list(stats or [])
+
+    def append(self, step, stats):
+        self.steps.append(int(step))
+        self.stats.append(stats)
+
+    @property
+    def layers(self):
+        """The layers seen, in first-seen order."""
+        names = []
+        for entry in self.stats:
+            names.extend(n for n in entry if n not in names)
+        return names
+
+    def series(self, field):
+        """`{layer: 1-D array over the probe steps}` of one statistic (NaN where absent)."""
+        out = {}
+        for layer in self.layers:
+            out[layer] = np.array([
+                np.nan if entry.get(layer, {}).get(field) is None
+                else float(entry[layer][field]) for entry in self.stats], float)
+        return out
+
+    def latest(self, step=None):
+        """The last statistics at or before `step` (all of them for `None`), or `None`."""
+        for s, entry in zip(reversed(self.steps), reversed(self.stats)):
+            if step is None or s <= step:
+                return entry
+        return None
+
+    def to_dict(self):
+        from keras_gradtools import runs
+
+        return {"steps": self.steps,
+                "stats": [{layer: {k: (runs.json_float(v) if isinstance(v, float) else v)
+                                   for k, v in s.items()} for layer, s in entry.items()}
+                          for entry in self.stats]}
+
+    @classmethod
+    def from_dict(cls, data):
+        if not data:
+            return cls()
+        stats = [{layer: {k: (float(v) if isinstance(v, str) and k != "activation" else v)
+                          for k, v in s.items()} for layer, s in entry.items()}
+                 for entry in data.get("stats", [])]
+        return cls(data.get("steps", []), stats)
