@@ -11,6 +11,8 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "ActivationProbe": "keras_gradtools.activations",
+    "ActivationRecord": "keras_gradtools.activations",
     "clipped_optimizer": "keras_gradtools.clipping",
     "ClippedOptimizer": "keras_gradtools.clipping",
     "compute_weight_gradient_norms": "keras_gradtools.probe",

@@ -142,8 +142,8 @@ def layer_stats(values, name, params=None, inputs=None):
     Example:
 
     >>> stats = layer_stats(np.array([[0.5, 0.99], [0.5, 0.01]]), "sigmoid")
-    >>> stats["mean"], stats["saturated"], round(stats["gain"], 4)
-    (0.5, 0.5, 0.1299)
+    >>> stats["mean"], stats["saturated"], round(stats["gain"], 5)  # (.25+.0099)*2/4
+    (0.5, 0.5, 0.12995)
     """
     params = params or {}
     a = np.asarray(values, np.float64)

@@ -712,6 +712,9 @@ DEFAULT_ACTIONS = {
     "vanishing": "warn",
     "exploding": "warn",
     "dead_layer": "warn",
+    "saturation": "warn",
+    "dead_units": "warn",
+    "update_ratio": "warn",
     "nonfinite": "stop",
     "clipped_spike": "ignore",
 }
@@ -737,8 +740,14 @@ class GradientMonitor(keras.callbacks.Callback):
     everything recorded so far is kept and the logger's files are written
     as usual); `"raise"` raises `GradientProblemError` carrying the finding;
     `"ignore"` only keeps it in the report. Defaults: warn for `vanishing`,
-    `exploding` and `dead_layer`, stop for `nonfinite`, ignore for
-    `clipped_spike` (a spike that the optimizer's clipping absorbed).
+    `exploding`, `dead_layer`, `saturation`, `dead_units` and
+    `update_ratio`, stop for `nonfinite`, ignore for `clipped_spike` (a
+    spike that the optimizer's clipping absorbed).
+
+    With activation statistics (`probe_data`, here or on the logger) the
+    monitor also judges the activations (`saturation`, `dead_units`) and a
+    `vanishing` finding states its cause; with `update_ratio=True`, the
+    update-to-weight ratio (`update_ratio`). See `keras_gradtools.diagnose`.
 
     Steps that a loss-scale optimizer skipped (`GradNormLogger.skipped_steps`)
     are its normal working under `mixed_float16` and are not judged; a run of
@@ -757,6 +766,12 @@ class GradientMonitor(keras.callbacks.Callback):
         check_every: steps between checks (each one reads the recording from
             the device). Defaults to `100`.
         verbose: print findings as they are found (0 or 1). Defaults to `1`.
+        probe_data: for the monitor's own logger: a fixed batch of inputs
+            for activation statistics (see `GradNormLogger`), which add the
+            `saturation` and `dead_units` rules and the cause of a
+            `vanishing` finding. Defaults to `None`.
+        update_ratio: for the monitor's own logger: record update-to-weight
+            ratios, which add the `update_ratio` rule. Defaults to `False`.
 
     Example:
 
@@ -774,8 +789,17 @@ class GradientMonitor(keras.callbacks.Callback):
     """
 
     def __init__(self, logger=None, actions=None, thresholds=None, check_every=100,
-                 verbose=1):
+                 verbose=1, probe_data=None, update_ratio=False):
         super().__init__()
+        if logger is not None and (probe_data is not None or update_ratio):
+            raise ValueError(
+                "Give `probe_data` and `update_ratio` to the GradNormLogger passed as "
+                "`logger` (the monitor reads what it records), not to the monitor. "
+                f"Received: probe_data={'given' if probe_data is not None else None}, "
+                f"update_ratio={update_ratio!r} with logger={logger!r}")
+        self.probe_data = probe_data
+        self.update_ratio = update_ratio
+        self._probes_fed = 0
         if not isinstance(check_every, int) or check_every < 1:
             raise ValueError(
                 "`check_every` must be a positive integer. "
@@ -816,7 +840,16 @@ class GradientMonitor(keras.callbacks.Callback):
                 clipping=clipping.describe_clipping(self.model.optimizer),
                 facts=model_facts(self.model),
             )
-        for finding in self.diagnoser.feed(first_step, rows, skipped):
+        record = self.logger.activations
+        probes = list(zip(record.steps[self._probes_fed:], record.stats[self._probes_fed:]))
+        self._probes_fed = len(record.steps)
+        new = self.diagnoser.feed_activations(probes)
+        new += self.diagnoser.feed(first_step, rows, skipped)
+        if self.logger.update_recorder is not None:
+            updates = self.logger.update_recorder.norms[first_step:first_step + len(rows)]
+            new += self.diagnoser.feed_updates(first_step, updates, skipped[:len(updates)]
+                                               if skipped is not None else None)
+        for finding in new:
             finding.epoch = diagnose.epoch_of_step(
                 finding.step, self.logger.epoch_end_steps
             )
@@ -859,9 +892,12 @@ class GradientMonitor(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         self.diagnoser = None
         self._announced = set()
+        self._probes_fed = 0
         if self._owns_logger:
             if self.logger is None:
-                self.logger = GradNormLogger(flush_every=self.check_every)
+                self.logger = GradNormLogger(flush_every=self.check_every,
+                                             probe_data=self.probe_data,
+                                             update_ratio=self.update_ratio)
                 self.logger.set_model(self.model)
                 self.logger.set_params(self.params)
             self.logger.on_train_begin(logs)

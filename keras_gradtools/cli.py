@@ -197,7 +197,8 @@ def diagnose(run_dir, as_json):
     run = _explained(load_run, run_dir)
     report = diagnose_norms(run.norms, run.keys, run.epoch_end_steps,
                             clipping=_clipping_of(run.config), skipped_steps=run.skipped_steps,
-                            facts=ModelFacts.from_dict(run.config.get("model_facts")))
+                            facts=ModelFacts.from_dict(run.config.get("model_facts")),
+                            activations=run.activations, update_ratios=run.update_ratios)
     click.echo(report.to_json(indent=1) if as_json else str(report))
 
 
@@ -206,7 +207,7 @@ def diagnose(run_dir, as_json):
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
               help="Where to write the figures (default: RUN_DIR/figures).")
 def plot(run_dir, out_dir):
-    """Write every figure of a saved run (norms over steps, gradient flow, heatmap, curves)."""
+    """Write every figure of a saved run (norms, gradient flow, heatmap, activations, curves)."""
     from keras_gradtools.plots import plot_run
 
     for path in _explained(plot_run, run_dir, out_dir):

@@ -26,6 +26,27 @@ Rules and their defaults:
 - `dead_layer_rule`: a variable whose gradient is exactly zero for
   `patience` (50) consecutive steps.
 
+Rules over the activation probe (`keras_gradtools.activations`), fed the
+probe statistics `(steps, stats)`:
+
+- `saturation_rule`: a bounded activation (sigmoid, tanh, ...) with at least
+  `fraction` (0.5) of its values in the flat tails for `patience` (3)
+  consecutive probes.
+- `dead_units_rule`: a ReLU layer with at least `fraction` (0.5) of its units
+  at 0 for every probe sample, for `patience` (3) consecutive probes.
+
+And over the update-to-weight ratios (`GradNormLogger(update_ratio=True)`):
+
+- `update_ratio_rule`: a weight whose update `||dw|| / ||w||` stays outside
+  [`low`, `high`] ([1e-5, 1e-1]; about 1e-3 is healthy) for `patience` (50)
+  consecutive steps; normalization and bias vectors are not judged.
+
+With probe statistics the `vanishing` finding states its cause: its
+evidence gains `layer_gains` (each layer's mean local activation derivative)
+and `predicted_ratio` (their product from the starving layer to the output),
+and its message says whether the activations' derivative compounded over the
+depth, saturation, or the weights account for the ratio observed.
+
 Findings carry 0-based `step` (the first step the condition held, counted
 from the start of `fit()`), `detected_step` (when the rule could tell), a
 1-based `epoch` (as Keras prints it), the variables involved ordered input
@@ -37,8 +58,10 @@ import json
 
 import numpy as np
 
-KINDS = ("nonfinite", "exploding", "vanishing", "dead_layer", "clipped_spike")
-FAILURE_KINDS = ("nonfinite", "exploding", "vanishing", "dead_layer")
+KINDS = ("nonfinite", "exploding", "vanishing", "dead_layer", "saturation", "dead_units",
+         "update_ratio", "clipped_spike")
+FAILURE_KINDS = ("nonfinite", "exploding", "vanishing", "dead_layer", "saturation",
+                 "dead_units", "update_ratio")
 
 DEFAULTS = {
     "nonfinite": {"max_skipped": 10, "max_initial_skipped": 64},
@@ -47,6 +70,10 @@ DEFAULTS = {
     "exploding": {"alpha": 0.97, "zscore": 3.0, "layer_zscore": 5.0, "ratio": 10.0,
                   "warmup": 100, "ceiling": 1e6},
     "dead_layer": {"patience": 50},
+    "saturation": {"fraction": 0.5, "patience": 3},
+    "dead_units": {"fraction": 0.5, "patience": 3},
+    "update_ratio": {"low": 1e-5, "high": 1e-1, "patience": 50,
+                     "skip": ("gamma", "beta", "bias")},
 }
 
 
@@ -449,7 +476,7 @@ def starved_steps(rows, keys, ratio=1e-3, floor=1e-7, skip=("gamma", "beta", "bi
 
 
 def vanishing_rule(rows, keys, first_step=0, state=None, ratio=1e-3, floor=1e-7,
-                   patience=50, skip=("gamma", "beta", "bias"), facts=None):
+                   patience=50, skip=("gamma", "beta", "bias"), facts=None, activations=None):
     """Finds layers whose gradient is a tiny fraction of the output layer's.
 
     At each step a variable is "starved" when its norm is below `ratio`
@@ -476,6 +503,10 @@ def vanishing_rule(rows, keys, first_step=0, state=None, ratio=1e-3, floor=1e-7,
             Defaults to `("gamma", "beta", "bias")`.
         facts: the model's `ModelFacts`, to choose fixes that fit it, or
             `None` for generic ones. Defaults to `None`.
+        activations: the activation probes so far, `(step, {layer: stats})`
+            pairs in order, or `None`: the finding then states its cause
+            (see `vanishing_cause`) from the last probe at or before the
+            detection step. Defaults to `None`.
 
     Returns:
         `(findings, state)`; at most one finding per run.
@@ -519,18 +550,25 @@ def vanishing_rule(rows, keys, first_step=0, state=None, ratio=1e-3, floor=1e-7,
         median = np.median(window[:, idx], axis=0)
         ref_norm = float(np.median(window[:, ref]))
         worst = float(np.min(median / ref_norm)) if ref_norm > 0 else float("nan")
+        evidence = {
+            "reference_layer": keys[ref], "reference_norm": ref_norm,
+            "layer_norms": {k: float(m) for k, m in zip(layers, median)},
+            "smallest_ratio": worst, "ratio_threshold": ratio,
+            "floor": floor, "patience": patience,
+        }
+        cause = ""
+        probe = _probe_at(activations, step)
+        if probe is not None and ref_norm > 0:
+            found, cause = vanishing_cause(layers[0], float(median[0]) / ref_norm, probe)
+            evidence.update(found)
         findings.append(Finding(
             kind="vanishing", step=step - patience + 1, detected_step=step,
             layers=layers,
-            evidence={
-                "reference_layer": keys[ref], "reference_norm": ref_norm,
-                "layer_norms": {k: float(m) for k, m in zip(layers, median)},
-                "smallest_ratio": worst, "ratio_threshold": ratio,
-                "floor": floor, "patience": patience,
-            },
+            evidence=evidence,
             message=(f"{_span(layers)} get(s) gradients down to {worst:.2g} times the output "
                      f"layer's ({_short(keys[ref])}: {ref_norm:.3g}), below {ratio:g} for "
-                     f"{patience} steps: the early layers barely learn."),
+                     f"{patience} steps: the early layers barely learn."
+                     + (f" {cause}" if cause else "")),
             fixes=_vanishing_fixes(layers, int(judged.sum()), facts),
         ))
     return findings, state
@@ -732,7 +770,10 @@ def dead_layer_rule(rows, keys, first_step=0, state=None, patience=50):
 def _dead_fixes(everything):
     if everything:  # every variable at once: nothing reaches the loss any more
         return [
-            "Every gradient is exactly zero: the output has saturated. A softmax (or "
+            "Every gradient is exactly zero. If a ReLU layer's units all output 0 (a "
+            "`dead_units` finding, with `probe_data`), nothing flows back through it: use "
+            "LeakyReLU or GELU, He initialization, no negative bias, a lower learning rate.",
+            "Otherwise the output has saturated. A softmax (or "
             "sigmoid) output with a probability loss clips the probabilities at 1e-7 on "
             "the JAX and PyTorch backends (TensorFlow recovers the logits), and then no "
             "gradient flows back: output logits (`activation=None`) with "
@@ -748,12 +789,309 @@ def _dead_fixes(everything):
     ]
 
 
+def _layer_of(key):
+    """The layer path of a variable key: `m/dense_3/kernel` -> `m/dense_3`."""
+    return key.rsplit("/", 1)[0]
+
+
+def _short_layer(path):
+    return path.split("/", 1)[1] if "/" in path else path
+
+
+def _layers_span(names):
+    short = [_short_layer(n) for n in names]
+    return ", ".join(short) if len(short) <= 3 else f"{short[0]} ... {short[-1]} ({len(short)} layers)"
+
+
+def _probe_at(entries, step):
+    """The statistics of the last probe at or before `step`, or `None`."""
+    found = None
+    for probe_step, stats in entries or ():
+        if probe_step > step:
+            break
+        found = stats
+    return found
+
+
+def vanishing_cause(layer_key, observed_ratio, stats):
+    """Why a layer starves, from one probe's statistics: evidence fields and a sentence.
+
+    The gradient reaching `layer_key`'s weights has passed through the local
+    derivative of every activation from that layer to the output; their
+    product (`predicted_ratio`) is what the activations alone make of the
+    gradient. Within 10x of the observed ratio, that compounding is the
+    cause; with half the units of a layer on the way saturated, saturation
+    is; else the weights (their scale) account for the rest.
+
+    Args:
+        layer_key: the starving variable's key (`m/dense_0/kernel`).
+        observed_ratio: its gradient norm over the output layer's.
+        stats: `{layer_path: layer_stats}` of one probe (see
+            `keras_gradtools.activations.layer_stats`), input to output.
+
+    Returns:
+        `(evidence, sentence)`; `({}, "")` when the probe does not watch the
+        starving layer or a gain on the way is unknown.
+
+    Example:
+
+    >>> stats = {f"m/d{i}": {"activation": "sigmoid", "gain": 0.25, "saturated": 0.0}
+    ...          for i in range(3)}
+    >>> evidence, sentence = vanishing_cause("m/d0/kernel", 0.02, stats)
+    >>> evidence["predicted_ratio"], evidence["cause"]
+    (0.015625, 'compounding')
+    """
+    names = list(stats)
+    start = _layer_of(layer_key)
+    if start not in names:
+        return {}, ""
+    path = names[names.index(start):]
+    gains = {n: stats[n].get("gain") for n in path}
+    if any(g is None or not np.isfinite(g) for g in gains.values()):
+        return {}, ""
+    predicted = float(np.prod(list(gains.values())))
+    saturated = {n: stats[n]["saturated"] for n in path
+                 if stats[n].get("saturated") is not None and stats[n]["saturated"] >= 0.5}
+    activations = sorted({stats[n].get("activation") for n in path} - {None})
+    evidence = {"layer_gains": {n: float(g) for n, g in gains.items()},
+                "predicted_ratio": predicted, "observed_ratio": float(observed_ratio)}
+    mean_gain = predicted ** (1.0 / len(path)) if predicted > 0 else 0.0
+    within = (predicted > 0 and observed_ratio > 0
+              and abs(np.log10(predicted / observed_ratio)) <= 1.0)
+    if saturated:
+        evidence["cause"] = "saturation"
+        sentence = (f"Cause: saturation: {_layers_span(list(saturated))} have "
+                    f"{max(saturated.values()):.0%} of their {'/'.join(activations)} outputs "
+                    "in the flat tails, where the derivative is ~0.")
+    elif within:
+        evidence["cause"] = "compounding"
+        sentence = (f"Cause: the activations' derivative compounded over depth, not "
+                    f"saturation: the {len(path)} {'/'.join(activations)} layer(s) from "
+                    f"{_short_layer(start)} to the output pass on {mean_gain:.3g} of the gradient "
+                    f"each on average (mean local derivative), {predicted:.2g} in all, against "
+                    f"{observed_ratio:.2g} observed.")
+    else:
+        evidence["cause"] = "weights"
+        sentence = (f"The activations' derivatives account for {predicted:.2g} of the "
+                    f"observed {observed_ratio:.2g}; the rest comes from the weights (their "
+                    "scale or initialization).")
+    return evidence, sentence
+
+
+def _probe_rule(kind, field, entries, state, fraction, patience, message, fixes):
+    """A rule over probe statistics: `field` >= `fraction` for `patience` probes in a row."""
+    state = dict(state or {"run": {}, "fired": False})
+    run = dict(state["run"])
+    findings = []
+    for step, stats in entries:
+        hit = []
+        for layer, entry in stats.items():
+            value = entry.get(field)
+            if value is not None and np.isfinite(value) and value >= fraction:
+                run[layer] = run.get(layer, 0) + 1
+            else:
+                run[layer] = 0
+            if run[layer] >= patience:
+                hit.append(layer)
+        if hit and not state["fired"]:
+            state["fired"] = True
+            values = {layer: float(stats[layer][field]) for layer in hit}
+            findings.append(Finding(
+                kind=kind, step=int(step), detected_step=int(step), layers=hit,
+                evidence={field: values, "fraction_threshold": fraction,
+                          "patience_probes": patience,
+                          "means": {layer: float(stats[layer]["mean"]) for layer in hit},
+                          "stds": {layer: float(stats[layer]["std"]) for layer in hit}},
+                message=message(hit, values, stats), fixes=fixes(hit, stats)))
+    state["run"] = run
+    return findings, state
+
+
+def saturation_rule(entries, state=None, fraction=0.5, patience=3):
+    """Finds bounded activations stuck in their flat tails.
+
+    A layer is saturated at a probe when at least `fraction` of its output
+    values are in the tails (see `keras_gradtools.activations`); the rule
+    fires when that holds for `patience` consecutive probes.
+
+    Args:
+        entries: `(step, {layer: stats})` pairs, one per probe, in order.
+        state: the state returned by the previous call, or `None`.
+        fraction: the saturated fraction that counts. Defaults to `0.5`.
+        patience: consecutive probes. Defaults to `3`.
+
+    Returns:
+        `(findings, state)`; at most one finding per run.
+
+    Example:
+
+    >>> entries = [(s, {"m/d0": {"activation": "sigmoid", "mean": 0.02, "std": 0.01,
+    ...                          "saturated": 0.9}}) for s in (0, 100, 200)]
+    >>> (finding,), _ = saturation_rule(entries)
+    >>> finding.kind, finding.step, finding.layers
+    ('saturation', 200, ['m/d0'])
+    """
+    def message(hit, values, stats):
+        layer = hit[0]
+        return (f"{_layers_span(hit)}: {values[layer]:.0%} of the {stats[layer]['activation']} "
+                f"outputs sit in the flat tails (mean {stats[layer]['mean']:.3g}, std "
+                f"{stats[layer]['std']:.3g}) for {patience} probes: their derivative is ~0 "
+                "and the gradient stops there.")
+
+    def fixes(hit, stats):
+        return [f"Replace {stats[hit[0]]['activation']} in {_layers_span(hit)} with ReLU and He "
+                "initialization (`activation='relu', kernel_initializer='he_normal'`).",
+                "Add `keras.layers.BatchNormalization()` before the activation to keep "
+                "its input centred, or lower the learning rate."]
+
+    return _probe_rule("saturation", "saturated", entries, state, fraction, patience,
+                       message, fixes)
+
+
+def dead_units_rule(entries, state=None, fraction=0.5, patience=3):
+    """Finds ReLU layers whose units have died (0 for every probe sample).
+
+    Args:
+        entries: `(step, {layer: stats})` pairs, one per probe, in order.
+        state: the state returned by the previous call, or `None`.
+        fraction: the fraction of dead units that counts. Defaults to `0.5`.
+        patience: consecutive probes. Defaults to `3`.
+
+    Returns:
+        `(findings, state)`; at most one finding per run.
+
+    Example:
+
+    >>> entries = [(s, {"m/d0": {"activation": "relu", "mean": 0.0, "std": 0.0,
+    ...                          "dead": 1.0}}) for s in (0, 100, 200)]
+    >>> (finding,), _ = dead_units_rule(entries)
+    >>> finding.kind, finding.evidence["dead"]
+    ('dead_units', {'m/d0': 1.0})
+    """
+    def message(hit, values, stats):
+        layer = hit[0]
+        return (f"{_layers_span(hit)}: {values[layer]:.0%} of the ReLU units output 0 for "
+                f"every probe sample, {patience} probes in a row: a dead unit gets no "
+                "gradient and never recovers.")
+
+    def fixes(hit, stats):
+        return [f"Use `activation='leaky_relu'` or `'gelu'` in {_layers_span(hit)} (their "
+                "gradient is not 0 below zero), with He initialization.",
+                "Lower the learning rate (10x): one large update can push the biases of "
+                "many units negative for good.",
+                "Check the bias initialization (a negative constant kills units from the "
+                "start) and add `keras.layers.BatchNormalization()` before the ReLU."]
+
+    return _probe_rule("dead_units", "dead", entries, state, fraction, patience,
+                       message, fixes)
+
+
+def update_ratio_rule(rows, keys, first_step=0, state=None, low=1e-5, high=1e-1,
+                      patience=50, skip=("gamma", "beta", "bias"), facts=None):
+    """Finds weights whose updates are far too large or too small for their size.
+
+    `rows` are update-to-weight ratios `||w_after - w_before|| / ||w_before||`
+    per step (`GradNormLogger(update_ratio=True)`); about 1e-3 is healthy
+    (CS231n). The rule fires when a weight's ratio stays above `high` (the
+    step rewrites the weight: learning rate too high) or below `low` (it
+    barely moves) for `patience` consecutive steps. Zeros (skipped steps,
+    frozen) and non-finite values are not judged and break no run.
+
+    Args:
+        rows: `(steps, len(keys))` ratios.
+        keys: the variables' keys, input to output.
+        first_step: the step number of `rows[0]`. Defaults to `0`.
+        state: the state returned by the previous call, or `None`.
+        low: the lowest healthy ratio. Defaults to `1e-5`.
+        high: the highest healthy ratio. Defaults to `1e-1`.
+        patience: consecutive steps. Defaults to `50`.
+        skip: variable names (last path part) that are not judged.
+            Defaults to `("gamma", "beta", "bias")`.
+        facts: the model's `ModelFacts`, or `None`. Defaults to `None`.
+
+    Returns:
+        `(findings, state)`; at most one finding per run.
+
+    Example:
+
+    >>> rows = np.tile([0.5, 1e-3], (50, 1))
+    >>> (finding,), _ = update_ratio_rule(rows, ["m/a/kernel", "m/b/kernel"])
+    >>> finding.layers, finding.evidence["direction"]
+    (['m/a/kernel'], 'high')
+    """
+    rows = np.asarray(rows, dtype=float).reshape(-1, len(keys))
+    n = len(keys)
+    state = dict(state or {"high": np.zeros(n, int), "low": np.zeros(n, int), "fired": False})
+    judged = np.array([k.split("/")[-1] not in skip for k in keys], bool)
+    findings = []
+    runs = {d: np.array(state[d], int) for d in ("high", "low")}
+    for i, row in enumerate(rows):
+        seen = np.isfinite(row) & (row > 0) & judged
+        runs["high"] = np.where(seen, np.where(row > high, runs["high"] + 1, 0), runs["high"])
+        runs["low"] = np.where(seen, np.where(row < low, runs["low"] + 1, 0), runs["low"])
+        if state["fired"]:
+            continue
+        for direction in ("high", "low"):
+            hit = runs[direction] >= patience
+            if not hit.any():
+                continue
+            state["fired"] = True
+            layers = [k for k, h in zip(keys, hit) if h]
+            median = {k: float(np.median(rows[max(0, i - patience + 1):i + 1, keys.index(k)]))
+                      for k in layers}
+            worst = max(median.values()) if direction == "high" else min(median.values())
+            step = first_step + i
+            lr = facts.learning_rate if facts is not None else None
+            if direction == "high":
+                message = (f"{_span(layers)}: each update changes the weight by {worst:.2g} of "
+                           f"its norm (above {high:g}) for {patience} steps: the step is too "
+                           "large for the weights, training is unstable or diverging.")
+                fixes = [(f"Lower the learning rate from {lr:g} to {lr / 10:g} (or 100x if "
+                          "the ratio is above 1)." if lr else
+                          "Lower the learning rate (10x; 100x if the ratio is above 1).") ,
+                         "Add learning-rate warm-up, or clip gradients "
+                         "(`global_clipnorm=1.0`)."]
+            else:
+                message = (f"{_span(layers)}: each update changes the weight by only "
+                           f"{worst:.2g} of its norm (below {low:g}) for {patience} steps: "
+                           "these weights barely learn.")
+                adaptive = facts is not None and facts.optimizer and any(
+                    name in facts.optimizer for name in ("Adam", "RMSprop", "Adagrad",
+                                                         "Adadelta", "Adafactor", "Nadam",
+                                                         "Lion", "Lamb"))
+                if adaptive:
+                    fixes = ["An adaptive optimizer steps by about the learning rate per "
+                             "weight unless the gradient falls below its `epsilon` (1e-7 by "
+                             "default): so small an update means the gradient itself has "
+                             "vanished here. Fix that first (see a `vanishing` finding).",
+                             (f"If the gradients are healthy, raise the learning rate from "
+                              f"{lr:g} (10x)." if lr else "If the gradients are healthy, "
+                              "raise the learning rate (10x).")]
+                else:
+                    fixes = [(f"Raise the learning rate from {lr:g} (10x)." if lr else
+                              "Raise the learning rate (10x)."),
+                             "Try Adam: it scales each step to the gradient's recent size, "
+                             "so small gradients still move the weights."]
+            findings.append(Finding(
+                kind="update_ratio", step=step - patience + 1, detected_step=step,
+                layers=layers,
+                evidence={"direction": direction, "median_ratios": median, "low": low,
+                          "high": high, "patience": patience},
+                message=message, fixes=fixes))
+            break
+    state["high"], state["low"] = runs["high"], runs["low"]
+    return findings, state
+
+
 RULES = {
     "nonfinite": nonfinite_rule,
     "exploding": exploding_rule,
     "vanishing": vanishing_rule,
     "dead_layer": dead_layer_rule,
 }
+PROBE_RULES = {"saturation": saturation_rule, "dead_units": dead_units_rule}
+UPDATE_RULES = {"update_ratio": update_ratio_rule}
+ALL_RULES = {**RULES, **PROBE_RULES, **UPDATE_RULES}
 
 
 def epoch_of_step(step, epoch_end_steps):
@@ -775,7 +1113,7 @@ class Diagnoser:
         thresholds: per-rule keyword overrides, e.g.
             `{"vanishing": {"ratio": 1e-4}}`. Defaults to `None`.
         clipping: the optimizer's clipping, or `None`. Defaults to `None`.
-        rules: the rule names to run. Defaults to all of `RULES`.
+        rules: the rule names to run. Defaults to all of `ALL_RULES`.
         facts: the model's `ModelFacts` (fixes that fit it), or `None`.
             Defaults to `None`.
     """
@@ -784,19 +1122,60 @@ class Diagnoser:
         self.keys = list(keys)
         self.thresholds = {k: dict(v) for k, v in DEFAULTS.items()}
         for rule, values in (thresholds or {}).items():
-            if rule not in RULES:
+            if rule not in ALL_RULES:
                 raise ValueError(
-                    f"Unknown rule in `thresholds`; the rules are {', '.join(RULES)}. "
+                    f"Unknown rule in `thresholds`; the rules are {', '.join(ALL_RULES)}. "
                     f"Received: thresholds={thresholds!r}"
                 )
             self.thresholds.setdefault(rule, {}).update(values)
         self.clipping = clipping
         self.facts = facts
-        self.rules = list(rules or RULES)
+        self.rules = list(rules or ALL_RULES)
         self.states = {name: None for name in self.rules}
         self.steps = 0
         self.skipped_steps = 0
         self.findings = []
+        self.activations = []  # (step, stats) of every probe fed
+
+    def _found(self, new):
+        new.sort(key=lambda f: (f.step, KINDS.index(f.kind)))
+        self.findings.extend(new)
+        return new
+
+    def feed_activations(self, entries):
+        """Judges the next activation probes, `(step, {layer: stats})` pairs in order.
+
+        Feed each probe before the norms of the steps after it: the
+        `vanishing` finding states its cause from the last probe at or before
+        its detection.
+
+        Returns:
+            The new findings.
+        """
+        entries = [(int(step), stats) for step, stats in entries]
+        self.activations.extend(entries)
+        new = []
+        for name in self.rules:
+            if name in PROBE_RULES:
+                found, self.states[name] = PROBE_RULES[name](
+                    entries, state=self.states[name], **self.thresholds.get(name, {}))
+                new.extend(found)
+        return self._found(new)
+
+    def feed_updates(self, first_step, rows, skipped=None):
+        """Judges the next block of update-to-weight ratios; returns the new findings."""
+        rows = np.asarray(rows, dtype=float).reshape(-1, len(self.keys))
+        if skipped is not None and np.asarray(skipped, bool).any():
+            rows = rows.copy()
+            rows[np.asarray(skipped, bool).reshape(len(rows))] = np.nan
+        new = []
+        for name in self.rules:
+            if name in UPDATE_RULES:
+                found, self.states[name] = UPDATE_RULES[name](
+                    rows, self.keys, first_step, state=self.states[name], facts=self.facts,
+                    **self.thresholds.get(name, {}))
+                new.extend(found)
+        return self._found(new)
 
     def feed(self, first_step, rows, skipped=None):
         """Judges the next block of norms; returns the new findings.
@@ -813,6 +1192,8 @@ class Diagnoser:
                 rows = rows.copy()
                 rows[skipped] = np.nan
         for name in self.rules:
+            if name not in RULES:
+                continue
             kwargs = dict(self.thresholds.get(name, {}))
             if name == "nonfinite":
                 kwargs["skipped"] = skipped
@@ -820,14 +1201,14 @@ class Diagnoser:
                 kwargs["clipping"] = self.clipping
             if name in ("exploding", "vanishing"):
                 kwargs["facts"] = self.facts
+            if name == "vanishing":
+                kwargs["activations"] = self.activations
             found, self.states[name] = RULES[name](
                 rows, self.keys, first_step, state=self.states[name], **kwargs
             )
             new.extend(found)
         self.steps = max(self.steps, first_step + len(rows))
-        new.sort(key=lambda f: (f.step, KINDS.index(f.kind)))
-        self.findings.extend(new)
-        return new
+        return self._found(new)
 
     def report(self, epoch_end_steps=None):
         """The findings so far as a `Report`, epochs filled in when known."""
@@ -840,7 +1221,7 @@ class Diagnoser:
 
 
 def diagnose_norms(norms, keys, epoch_end_steps=None, thresholds=None, clipping=None,
-                   skipped_steps=None, facts=None):
+                   skipped_steps=None, facts=None, activations=None, update_ratios=None):
     """Judges a whole recorded series at once.
 
     Gives the same findings as `GradientMonitor` does while training, block
@@ -857,6 +1238,11 @@ def diagnose_norms(norms, keys, epoch_end_steps=None, thresholds=None, clipping=
             (`GradNormLogger.skipped_steps`), not judged. Defaults to `None`.
         facts: the model's `ModelFacts` (fixes that fit it), or `None`.
             Defaults to `None`.
+        activations: the activation probes (`GradNormLogger.activations`,
+            an `ActivationRecord`, or `(step, stats)` pairs), or `None`.
+            Defaults to `None`.
+        update_ratios: `(steps, len(keys))` update-to-weight ratios, or
+            `None`. Defaults to `None`.
 
     Returns:
         A `Report`.
@@ -874,5 +1260,12 @@ def diagnose_norms(norms, keys, epoch_end_steps=None, thresholds=None, clipping=
     if skipped_steps is not None and len(skipped_steps):
         skipped = np.zeros(len(norms), bool)
         skipped[np.asarray(skipped_steps, int)] = True
+    if activations is not None:
+        if hasattr(activations, "steps"):
+            activations = list(zip(activations.steps, activations.stats))
+        diagnoser.feed_activations(activations)
     diagnoser.feed(0, norms, skipped)
+    if update_ratios is not None and len(update_ratios):
+        diagnoser.feed_updates(0, update_ratios,
+                               None if skipped is None else skipped[:len(update_ratios)])
     return diagnoser.report(epoch_end_steps)

@@ -183,7 +183,8 @@ def weight_histogram(model, title="Weight distribution per layer", bins=60,
 def _finding_markers(ax, findings, colours=None):
     colours = colours or {"vanishing": "tab:purple", "exploding": "tab:red",
                           "nonfinite": "black", "dead_layer": "tab:gray",
-                          "clipped_spike": "tab:orange"}
+                          "clipped_spike": "tab:orange", "saturation": "tab:brown",
+                          "dead_units": "tab:olive", "update_ratio": "tab:cyan"}
     for finding in findings or []:
         kind = finding.kind if hasattr(finding, "kind") else finding["kind"]
         step = finding.step if hasattr(finding, "step") else finding["step"]
@@ -351,6 +352,73 @@ def compare_runs(runs, title="Runs compared", path=None):
     return _save(fig, path)
 
 
+def activations_over_training(activations, title="Activations per hidden layer over training "
+                              "(mean +/- std on the probe batch)", path=None):
+    """Glorot & Bengio (2010) Figure 2: each hidden layer's activation mean +/- std over steps.
+
+    Args:
+        activations: an `keras_gradtools.activations.ActivationRecord`
+            (`GradNormLogger.activations`, `Run.activations`).
+        title: the figure title. Defaults to the text above.
+        path: where to save, or `None`. Defaults to `None`.
+
+    Returns:
+        The `matplotlib.figure.Figure`: one line per layer (its mean) with a
+        shaded band (+/- one std), the probe steps on the x axis.
+    """
+    steps = np.asarray(activations.steps, dtype=float)
+    means, stds = activations.series("mean"), activations.series("std")
+    fig = Figure(figsize=(12, 5))
+    ax = fig.subplots()
+    layers = list(means)
+    for layer, colour in zip(layers, _layer_colours(len(layers))):
+        label = layer.split("/", 1)[1] if "/" in layer else layer
+        ax.plot(steps, means[layer], color=colour, linewidth=1.2, marker=".", label=label)
+        ax.fill_between(steps, means[layer] - stds[layer], means[layer] + stds[layer],
+                        color=colour, alpha=0.15, linewidth=0)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("activation value")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    _legend(ax, len(layers))
+    return _save(fig, path)
+
+
+def update_ratios_over_steps(ratios, keys, band=(1e-5, 1e-1), healthy=1e-3,
+                             title="Update-to-weight ratio ||dw|| / ||w|| per layer", path=None):
+    """Each variable's update-to-weight ratio over steps, log scale, the healthy band marked.
+
+    Args:
+        ratios: `(steps, len(keys))` ratios (`GradNormLogger.update_ratios`).
+        keys: the variables' keys, input to output.
+        band: the band `update_ratio_rule` judges healthy, shaded. Defaults
+            to `(1e-5, 1e-1)`.
+        healthy: the usual healthy level, a dashed line. Defaults to `1e-3`.
+        title: the figure title. Defaults to the text above.
+        path: where to save, or `None`. Defaults to `None`.
+
+    Returns:
+        The `matplotlib.figure.Figure`.
+    """
+    ratios = np.asarray(ratios, dtype=float).reshape(-1, len(keys))
+    fig = Figure(figsize=(12, 5))
+    ax = fig.subplots()
+    steps = np.arange(len(ratios))
+    for i, (label, colour) in enumerate(zip(short_names(keys), _layer_colours(len(keys)))):
+        series = np.where(ratios[:, i] > 0, ratios[:, i], np.nan)
+        ax.plot(steps, series, color=colour, linewidth=0.7, label=label)
+    ax.axhspan(band[0], band[1], color="tab:green", alpha=0.08, label="healthy band")
+    ax.axhline(healthy, color="tab:green", linestyle="--", linewidth=1.0,
+               label=f"{healthy:g}")
+    ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("||dw|| / ||w||")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="major")
+    _legend(ax, len(keys) + 2)
+    return _save(fig, path)
+
+
 def run_figures(run):
     """Every figure of a run: `[(file name, Figure)]`, in a fixed order.
 
@@ -367,6 +435,11 @@ def run_figures(run):
         ("gradient_flow.png", gradient_flow(run.norms, run.keys)),
         ("norm_heatmap.png", norm_heatmap(run.norms, run.keys)),
     ]
+    if run.activations is not None and run.activations.steps:
+        figures.append(("activations.png", activations_over_training(run.activations)))
+    if run.update_ratios is not None and len(run.update_ratios):
+        figures.append(("update_ratios.png", update_ratios_over_steps(run.update_ratios,
+                                                                      run.keys)))
     if "accuracy" in run.history:
         figures.append(("accuracy.png", accuracy_curve(run.history)))
     if run.history.get("loss"):

@@ -101,6 +101,11 @@ class Run:
         history: Keras' per-epoch History (`{}` if not saved).
         findings: the monitor's findings as dicts (`[]` if none ran).
         config: `config.json` (`{}` if absent).
+        activations: the activation probes, a
+            `keras_gradtools.activations.ActivationRecord` (empty if the run
+            had no `probe_data`).
+        update_ratios: `(steps, len(keys))` update-to-weight ratios, or
+            `None`.
     """
 
     path: str
@@ -112,6 +117,8 @@ class Run:
     history: dict = dataclasses.field(default_factory=dict)
     findings: list = dataclasses.field(default_factory=list)
     config: dict = dataclasses.field(default_factory=dict)
+    activations: object = None
+    update_ratios: object = None
 
     @property
     def name(self):
@@ -197,6 +204,8 @@ def load_run(path):
             raise ValueError("an epoch end outside the recording")
         applied = data.get("applied_norms")
         applied = None if applied is None else _rows(applied, len(keys), "applied_norms")
+        updates = data.get("update_ratios")
+        updates = None if updates is None else _rows(updates, len(keys), "update_ratios")
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise RunError(f"{norms_path} is not a gradient-norm recording ({e!r})") from None
     history = {}
@@ -213,10 +222,23 @@ def load_run(path):
         findings = diagnosis.get("findings", []) if isinstance(diagnosis, dict) else None
         if not isinstance(findings, list):
             raise RunError(f"{diagnosis_path} is not a report (no list of findings)")
+    from keras_gradtools.activations import ActivationRecord
+
+    activations = ActivationRecord()
+    activations_path = os.path.join(path, "activations.json")
+    if os.path.exists(activations_path):
+        try:
+            activations = ActivationRecord.from_dict(
+                _read_json(activations_path, "activations.json"))
+            if len(activations.steps) != len(activations.stats):
+                raise ValueError("as many probe steps as statistics")
+        except (AttributeError, TypeError, ValueError) as e:
+            raise RunError(f"{activations_path} is not an activation record ({e!r})") from None
     config["skipped_steps"] = skipped_steps
     return Run(path=path, keys=keys, norms=norms, epoch_end_steps=epoch_end_steps,
                skipped_steps=skipped_steps, applied_norms=applied, history=history,
-               findings=findings, config=config)
+               findings=findings, config=config, activations=activations,
+               update_ratios=updates)
 
 
 def outcome(run):

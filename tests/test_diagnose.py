@@ -356,7 +356,7 @@ def test_every_gradient_zero_at_once_is_called_a_saturated_output():
     rows[40:] = 0.0
     finding = diagnose_norms(rows, ["a/kernel", "out/kernel"]).first("dead_layer")
     assert finding.step == 40 and finding.layers == ["a/kernel", "out/kernel"]
-    assert "saturated" in finding.fixes[0] and "from_logits=True" in finding.fixes[0]
+    assert "saturated" in finding.fixes[1] and "from_logits=True" in finding.fixes[1]
     rows[:, 1] = 1.0  # one layer alone: the usual causes
     finding = diagnose_norms(rows, ["a/kernel", "out/kernel"]).first("dead_layer")
     assert finding.layers == ["a/kernel"] and "connected to the loss" in finding.fixes[0]

@@ -1,0 +1,351 @@
+"""Activation statistics, update-to-weight ratios and the findings built on them.
+
+Expected numbers come from NumPy forward passes with the model's own weights, from
+hand-computed derivatives, and from the plain-SGD identity ||dw|| = lr * ||g||.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import keras
+from click.testing import CliRunner
+
+from keras_gradtools import GradientMonitor, GradNormLogger
+from keras_gradtools.activations import ActivationProbe, ActivationRecord, layer_stats
+from keras_gradtools.cli import main
+from keras_gradtools.diagnose import (dead_units_rule, diagnose_norms, saturation_rule,
+                                      update_ratio_rule, vanishing_cause)
+from keras_gradtools.runs import load_run
+
+
+def _data(n=128, features=6, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, features)).astype("float32"), rng.integers(0, 3, n)
+
+
+def _sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+# --- the statistics ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, values, gain", [
+    ("sigmoid", [0.5, 0.9], (0.25 + 0.09) / 2),
+    ("tanh", [0.0, 0.6, -0.8], (1 + 0.64 + 0.36) / 3),
+    ("relu", [0.0, 2.0, 3.0, 0.0], 0.5),
+    ("relu6", [0.0, 6.0, 3.0, 1.0], 0.5),
+    ("elu", [-0.5, 2.0], (0.5 + 1.0) / 2),
+    ("softplus", [np.log(2.0), np.log(4.0)], (0.5 + 0.75) / 2),
+    ("linear", [-3.0, 5.0], 1.0),
+])
+def test_gain_is_the_mean_local_derivative(name, values, gain):
+    stats = layer_stats(np.array([values]), name)
+    assert stats["gain"] == pytest.approx(gain, rel=1e-12)
+    assert stats["mean"] == pytest.approx(np.mean(values))
+    assert stats["std"] == pytest.approx(np.std(values))
+
+
+def test_gelu_gain_is_read_at_the_input_of_an_activation_layer():
+    z = np.array([[-1.0, 0.0, 2.0]])
+    x = keras.ops.convert_to_tensor(z.astype("float32"))
+    # The derivative by finite differences of keras' own gelu.
+    eps = 1e-3
+    slope = (keras.ops.convert_to_numpy(keras.activations.gelu(x + eps))
+             - keras.ops.convert_to_numpy(keras.activations.gelu(x - eps))) / (2 * eps)
+    stats = layer_stats(keras.ops.convert_to_numpy(keras.activations.gelu(x)), "gelu",
+                        inputs=z)
+    assert stats["gain"] == pytest.approx(float(np.mean(slope)), abs=1e-4)
+    assert layer_stats(z, "gelu")["gain"] is None  # not from the output alone
+
+
+def test_saturated_and_dead_fractions():
+    sig = layer_stats(np.array([[0.01, 0.5], [0.99, 0.97]]), "sigmoid")
+    assert sig["saturated"] == 0.5 and sig["dead"] is None
+    tanh = layer_stats(np.array([[-0.99, 0.1, 0.985, 0.2]]), "tanh")
+    assert tanh["saturated"] == 0.5
+    # Units are the last axis; a unit is dead when 0 for every sample and position.
+    relu = np.zeros((2, 3, 4))
+    relu[1, 2, 0] = 1.0  # unit 0 alive at one position of one sample
+    relu[0, 0, 3] = 0.5
+    stats = layer_stats(relu, "relu")
+    assert stats["dead"] == 0.5 and stats["saturated"] is None
+
+
+def _sigmoid_relu_model():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([
+        keras.Input((6,)),
+        keras.layers.Dense(5, activation="sigmoid", name="sig"),
+        keras.layers.Dense(4, activation="relu", name="rel",
+                           bias_initializer=keras.initializers.Constant(-0.3)),
+        keras.layers.Dense(3, activation="softmax", name="out"),
+    ], name="net")
+
+
+def test_probe_equals_a_numpy_forward_pass():
+    x, _ = _data(32)
+    model = _sigmoid_relu_model()
+    (w1, b1), (w2, b2) = model.get_layer("sig").get_weights(), model.get_layer("rel").get_weights()
+    a1 = _sigmoid(x @ w1 + b1)
+    a2 = np.maximum(a1 @ w2 + b2, 0.0)
+    probe = ActivationProbe(model, x)
+    stats = probe()
+    assert probe.names == ["net/sig", "net/rel"]  # the softmax output is not watched
+    assert stats["net/sig"]["mean"] == pytest.approx(a1.mean(), rel=1e-5)
+    assert stats["net/sig"]["std"] == pytest.approx(a1.std(), rel=1e-4)
+    assert stats["net/sig"]["gain"] == pytest.approx(np.mean(a1 * (1 - a1)), rel=1e-5)
+    assert stats["net/rel"]["gain"] == pytest.approx(np.mean(a2 > 0), abs=1e-9)
+    assert stats["net/rel"]["dead"] == pytest.approx(np.mean((a2 <= 0).all(axis=0)))
+    assert probe(), "a second call works"
+
+
+def test_probe_refuses_what_it_cannot_watch():
+    x, _ = _data(8)
+    model = _sigmoid_relu_model()
+    with pytest.raises(ValueError, match="No layer named 'nope'"):
+        ActivationProbe(model, x, layers=["nope"])
+
+    class Sub(keras.Model):
+        def __init__(self):
+            super().__init__(name="sub")
+            self.hidden = keras.layers.Dense(4, activation="tanh", name="hidden")
+            self.out = keras.layers.Dense(3, name="out")
+
+        def call(self, x):
+            return self.out(self.hidden(x))
+
+    sub = Sub()
+    sub(x)
+    with pytest.raises(ValueError, match="subclassed model .*activation_outputs"):
+        ActivationProbe(sub, x)
+    # The documented way: name the outputs to watch.
+    probe = ActivationProbe(sub, x, outputs_fn=lambda m, data: {"hidden": m.hidden(data)})
+    stats = probe()
+    a = np.tanh(x @ sub.hidden.get_weights()[0] + sub.hidden.get_weights()[1])
+    assert stats["sub/hidden"]["gain"] == pytest.approx(np.mean(1 - a * a), rel=1e-5)
+    # ... and the logger refuses the subclassed model before the first step.
+    sub.compile("sgd", "mse")
+    logger = GradNormLogger(probe_data=x)
+    with pytest.raises(ValueError, match="subclassed"):
+        sub.fit(x, np.zeros((8, 3)), epochs=1, verbose=0, callbacks=[logger])
+
+
+def test_bad_probe_data_is_refused_when_the_logger_is_made():
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        GradNormLogger(probe_data=np.array([[1.0, np.nan]]))
+    with pytest.raises(ValueError, match="non-empty"):
+        GradNormLogger(probe_data=np.zeros((0, 3)))
+    with pytest.raises(ValueError, match="activation_freq"):
+        GradNormLogger(probe_data=np.zeros((2, 3)), activation_freq=0)
+    with pytest.raises(ValueError, match="update_ratio"):
+        GradNormLogger(update_ratio="yes")
+    with pytest.raises(ValueError, match="to the GradNormLogger"):
+        GradientMonitor(GradNormLogger(), update_ratio=True)
+
+
+# --- during fit(): probes and update ratios --------------------------------------
+
+
+class _Kernels(keras.callbacks.Callback):
+    """Each recorded kernel's value before step 0 and after every step."""
+
+    def __init__(self, names):
+        super().__init__()
+        self.names, self.values = names, []
+
+    def _take(self):
+        self.values.append([self.model.get_layer(n).kernel.numpy().copy() for n in self.names])
+
+    def on_train_begin(self, logs=None):
+        self._take()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._take()
+
+
+def test_fit_records_probes_and_sgd_update_ratios(tmp_path):
+    x, y = _data(128)
+    model = _sigmoid_relu_model()
+    lr = 0.5
+    model.compile(keras.optimizers.SGD(lr), "sparse_categorical_crossentropy")
+    logger = GradNormLogger(probe_data=x[:16], activation_freq=5, update_ratio=True,
+                            run_dir=tmp_path / "run", log_dir=tmp_path / "tb")
+    kernels = _Kernels(["sig", "rel", "out"])
+    model.fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=False,
+              callbacks=[logger, kernels])
+    assert logger.activations.steps == [0, 5, 10, 15]
+    ratios = np.stack([logger.update_ratios[k] for k in logger.keys], axis=1)
+    norms = np.stack([logger.history[k] for k in logger.keys], axis=1)
+    before = np.array([[np.linalg.norm(w) for w in step] for step in kernels.values[:-1]])
+    moved = np.array([[np.linalg.norm(b - a) for a, b in zip(s0, s1)]
+                      for s0, s1 in zip(kernels.values[:-1], kernels.values[1:])])
+    np.testing.assert_allclose(ratios, moved / before, rtol=2e-4)
+    # Plain SGD: ||dw|| = lr * ||g||.
+    np.testing.assert_allclose(ratios * before, lr * norms, rtol=2e-4)
+    # The run directory holds both; `gradtools diagnose` judges them like the monitor.
+    run = load_run(tmp_path / "run")
+    assert run.activations.steps == [0, 5, 10, 15]
+    np.testing.assert_allclose(run.update_ratios, ratios, rtol=1e-6)
+    first = run.activations.stats[0]["net/sig"]
+    assert first == pytest.approx(logger.activations.stats[0]["net/sig"])
+
+
+def test_tensorboard_gets_activation_scalars_and_histograms(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    import tensorflow as tf
+
+    x, y = _data(64)
+    model = _sigmoid_relu_model()
+    model.compile("adam", "sparse_categorical_crossentropy")
+    logger = GradNormLogger(probe_data=x[:16], activation_freq=2, log_dir=tmp_path / "tb")
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[logger])
+    ea = EventAccumulator(str(tmp_path / "tb" / "train"), size_guidance={"tensors": 0})
+    ea.Reload()
+    tags = set(ea.Tags()["tensors"])
+    assert {"activation/net/sig/mean", "activation/net/sig/saturated",
+            "activation/net/rel/dead", "activation/net/rel/gain",
+            "activation_hist/net/sig"} <= tags
+    assert "activation/net/sig/dead" not in tags  # does not apply to a sigmoid
+    events = ea.Tensors("activation/net/sig/mean")
+    assert [e.step for e in events] == [0, 2]
+    np.testing.assert_allclose([float(tf.make_ndarray(e.tensor_proto)) for e in events],
+                               [s["net/sig"]["mean"] for s in logger.activations.stats],
+                               rtol=1e-6)
+    hist = tf.make_ndarray(ea.Tensors("activation_hist/net/sig")[0].tensor_proto)
+    assert hist[:, 2].sum() == 16 * 5  # every probed value in a bucket
+
+
+# --- findings -------------------------------------------------------------------
+
+
+def _entries(field, values, activation):
+    return [(100 * i, {"m/d0": {"activation": activation, "mean": 0.1, "std": 0.1,
+                                "saturated": v if field == "saturated" else None,
+                                "dead": v if field == "dead" else None, "gain": 0.2}})
+            for i, v in enumerate(values)]
+
+
+def test_probe_rules_need_patience_in_a_row():
+    assert saturation_rule(_entries("saturated", [0.9, 0.9, 0.4, 0.9, 0.9], "sigmoid"))[0] == []
+    (f,), _ = saturation_rule(_entries("saturated", [0.4, 0.5, 0.6, 0.7], "sigmoid"))
+    assert (f.kind, f.step, f.evidence["saturated"]) == ("saturation", 300, {"m/d0": 0.7})
+    # Fed one probe at a time, the same finding.
+    state, found = None, []
+    for entry in _entries("saturated", [0.4, 0.5, 0.6, 0.7], "sigmoid"):
+        new, state = saturation_rule([entry], state)
+        found += new
+    assert [g.step for g in found] == [300]
+    (f,), _ = dead_units_rule(_entries("dead", [1.0, 1.0, 1.0], "relu"))
+    assert f.kind == "dead_units" and "leaky_relu" in f.fixes[0]
+
+
+def test_update_ratio_rule_band_and_patience():
+    keys = ["m/a/kernel", "m/b/kernel", "m/bn/gamma"]
+    rows = np.tile([1e-3, 1e-3, 5.0], (60, 1))  # gamma is not judged
+    assert update_ratio_rule(rows, keys)[0] == []
+    rows[5:54, 0] = 0.2  # 49 steps above the band
+    assert update_ratio_rule(rows, keys)[0] == []
+    rows[54, 0] = 0.2
+    (f,), _ = update_ratio_rule(rows, keys)
+    assert (f.step, f.detected_step, f.layers) == (5, 54, ["m/a/kernel"])
+    assert f.evidence["direction"] == "high"
+    rows = np.tile([1e-3, 1e-6, 1e-3], (51, 1))
+    rows[20, 1] = 0.0  # a skipped step breaks no run (and does not count)
+    (f,), _ = update_ratio_rule(rows, keys)
+    assert f.evidence["direction"] == "low" and f.layers == ["m/b/kernel"]
+
+
+def test_vanishing_cause_compounding_saturation_or_weights():
+    gains = {f"m/d{i}": {"activation": "sigmoid", "gain": g, "saturated": 0.0}
+             for i, g in enumerate([0.2, 0.25, 0.24])}
+    evidence, sentence = vanishing_cause("m/d1/kernel", 0.05, gains)
+    assert evidence["predicted_ratio"] == pytest.approx(0.25 * 0.24)
+    assert list(evidence["layer_gains"]) == ["m/d1", "m/d2"]
+    assert evidence["cause"] == "compounding" and "not saturation" in sentence
+    assert vanishing_cause("m/d1/kernel", 1e-4, gains)[0]["cause"] == "weights"
+    gains["m/d2"]["saturated"] = 0.8
+    assert vanishing_cause("m/d1/kernel", 0.05, gains)[0]["cause"] == "saturation"
+    assert vanishing_cause("m/other/kernel", 0.05, gains) == ({}, "")
+
+
+def test_monitor_states_the_cause_of_the_vanishing_deep_sigmoid_net(tmp_path):
+    from keras_gradtools import create_deep_sigmoid_model
+
+    keras.utils.set_random_seed(0)
+    model = create_deep_sigmoid_model(num_layers=10, units=32, input_dim=8)
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    x, y = np.random.default_rng(0).random((640, 8)), np.random.default_rng(1).integers(0, 10, 640)
+    logger = GradNormLogger(probe_data=x[:32], activation_freq=20, update_ratio=True,
+                            run_dir=tmp_path / "run")
+    monitor = GradientMonitor(logger, check_every=20, verbose=0)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[logger, monitor])
+    finding = monitor.report().first("vanishing")
+    evidence = finding.evidence
+    start = finding.layers[0].rsplit("/", 1)[0]
+    # The last probe at or before the detection step.
+    stats = logger.activations.latest(finding.detected_step)
+    assert logger.activations.steps[:3] == [0, 20, 40] and finding.detected_step >= 40
+    names = list(stats)
+    expected = np.prod([stats[n]["gain"] for n in names[names.index(start):]])
+    assert evidence["predicted_ratio"] == pytest.approx(expected)
+    assert evidence["cause"] in ("compounding", "weights", "saturation")
+    assert "Cause" in finding.message or "account for" in finding.message
+    # The same report from the run directory, judged afterwards.
+    result = CliRunner().invoke(main, ["diagnose", "--json", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    offline = json.loads(result.output)
+    assert offline["findings"] == monitor.report().to_dict()["findings"]
+
+
+def test_dead_relu_network():
+    x, y = _data(256)
+    keras.utils.set_random_seed(0)
+    dead = keras.Sequential([
+        keras.Input((6,)),
+        keras.layers.Dense(16, activation="relu", name="h",
+                           bias_initializer=keras.initializers.Constant(-20.0)),
+        keras.layers.Dense(3, activation="softmax", name="out"),
+    ], name="dead")
+    dead.compile("adam", "sparse_categorical_crossentropy")
+    logger = GradNormLogger(probe_data=x[:32], activation_freq=8)
+    monitor = GradientMonitor(logger, check_every=8, verbose=0)
+    dead.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[logger, monitor])
+    report = monitor.report()
+    assert [s["dead/h"]["dead"] for s in logger.activations.stats[:3]] == [1.0, 1.0, 1.0]
+    finding = report.first("dead_units")
+    assert (finding.layers, finding.step) == (["dead/h"], 16)  # the third probe in a row
+    # With every unit of h at 0, neither kernel gets a gradient.
+    dead_layer = report.first("dead_layer")
+    assert dead_layer.layers == ["dead/h/kernel", "dead/out/kernel"]
+    assert any("dead_units" in fix for fix in dead_layer.fixes)
+
+
+
+def _linear_regression(lr):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3, name="w")], name="lin")
+    model.compile(keras.optimizers.SGD(lr), "mse")
+    return model
+
+
+def test_update_ratio_finds_learning_rates_far_too_high_or_low():
+    x, _ = _data(256)
+    y = np.zeros((256, 3), "float32")  # w -> 0: each SGD step multiplies w by (1 - 2 lr H)
+    found = {}
+    for lr in (1e-6, 1.0):  # 1000x too low; at lr 1.0, |1 - 2 lr H| > 1: each step overshoots
+        model = _linear_regression(lr)
+        monitor = GradientMonitor(check_every=16, verbose=0, update_ratio=True)
+        model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[monitor])
+        found[lr] = monitor.report().first("update_ratio")
+        ratios = monitor.logger.update_ratios["lin/w/kernel"]
+        assert len(ratios) == 64 and np.isfinite(ratios).all()
+    low, high = found[1e-6], found[1.0]
+    assert low.evidence["direction"] == "low" and low.detected_step == 49
+    assert low.evidence["median_ratios"]["lin/w/kernel"] < 1e-5
+    assert "Raise the learning rate from 1e-06" in low.fixes[0]
+    assert high.evidence["direction"] == "high" and high.detected_step == 49
+    assert high.evidence["median_ratios"]["lin/w/kernel"] > 0.1
+    assert "Lower the learning rate from 1 to 0.1" in high.fixes[0]
