@@ -258,7 +258,8 @@ def _tools_run(tmp):
     model.compile(optimizer=keras.optimizers.SGD(0.1, clipnorm=0.5),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     logger = GradNormLogger(log_dir=os.path.join(tmp, "logs"), update_freq=1,
-                            run_dir=os.path.join(tmp, "run"), flush_every=3, histogram_freq=5)
+                            run_dir=os.path.join(tmp, "run"), flush_every=3, histogram_freq=5,
+                            probe_data=x[:16], activation_freq=5, update_ratio=True)
     monitor = GradientMonitor(logger, check_every=4, verbose=0)
     weights = _Weights()
     history = model.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False,
@@ -271,6 +272,17 @@ def _tools_run(tmp):
         batch = slice(step % 8 * 8, step % 8 * 8 + 8)
         grads = _gradients(model, weights.before[step], x[batch], y[batch], loss_fn)
         reference[str(step)] = grads[2].ravel().tolist()
+    # The probe's statistics of the hidden tanh layer, by a NumPy forward pass at
+    # the weights before each probed step; each recorded weight's norm before each step.
+    paths = [v.path for v in model.trainable_variables]
+    activation_reference = {}
+    for step in logger.activations.steps:
+        kernel, bias = weights.before[step][paths.index("mlp/h/kernel")], \
+            weights.before[step][paths.index("mlp/h/bias")]
+        a = np.tanh(x[:16].astype(np.float64) @ kernel + bias)
+        activation_reference[str(step)] = [a.mean(), a.std(), np.mean(1 - a * a)]
+    weight_norms = [[float(np.linalg.norm(before[paths.index(k)])) for k in logger.keys]
+                    for before in weights.before]
     # A later fit without the logger runs the plain train function; save and load.
     model.fit(x, y, batch_size=8, epochs=1, verbose=0)
     path = os.path.join(tmp, "model.keras")
@@ -285,6 +297,12 @@ def _tools_run(tmp):
         "histograms": {str(step): h["mlp/out/kernel"].tolist()
                        for step, h in logger.recorder.histograms()},
         "histogram_reference": reference,
+        "update_ratios": np.stack([logger.update_ratios[k] for k in logger.keys], 1).tolist(),
+        "weight_norms": weight_norms[:len(logger.norms)],
+        "activation_steps": logger.activations.steps,
+        "activations": {str(step): [s_["mlp/h"][f] for f in ("mean", "std", "gain")]
+                        for step, s_ in zip(logger.activations.steps, logger.activations.stats)},
+        "activation_reference": activation_reference,
     }
 
 

@@ -123,6 +123,16 @@ def test_clipping_history_tensorboard_and_run_dir(checked):
     np.testing.assert_allclose(run.history["loss"], tools["history_loss"], rtol=1e-6)
     assert run.config["backend"] == backend and run.config["clipping"] == "clipnorm=0.5"
     assert run.findings == tools["findings"]
+    # Update-to-weight ratios: under SGD(0.1) the update is 0.1 x the clipped gradient.
+    ratios, before = np.array(tools["update_ratios"]), np.array(tools["weight_norms"])
+    np.testing.assert_allclose(ratios * before, 0.1 * applied, rtol=1e-4)
+    np.testing.assert_allclose(run.update_ratios, ratios, rtol=1e-6)
+    # Activation probes every 5 steps: mean, std and gain of the tanh layer as NumPy has them.
+    assert tools["activation_steps"] == [0, 5, 10, 15]
+    for step, expected in tools["activation_reference"].items():
+        np.testing.assert_allclose(tools["activations"][step], expected, rtol=1e-5)
+    assert run.activations.steps == [0, 5, 10, 15]
+    assert {"activation/mlp/h/mean", "activation_hist/mlp/h"} <= set(ea.Tags()["tensors"])
 
 
 def test_probe_and_cli_check_equal_the_first_train_step(checked):
