@@ -445,6 +445,8 @@ class GradNormLogger(keras.callbacks.Callback):
         if self.applied_recorder is not None:
             # Copied at the same pace as the norms: its ring buffer is as small.
             applied = self.applied_recorder.norms[first:first + len(rows)]
+        if self.update_recorder is not None:
+            self.update_recorder.flush()  # the same: its ring buffer is as small
         if self.writer is not None:
             self._write_summaries(first, rows, applied)
         if len(rows):

@@ -204,6 +204,8 @@ def run_experiment(
     data=None,
     shuffle=True,
     clip=None,
+    probe=True,
+    update_ratio=True,
 ):
     """Trains one of the article's cases with `GradNormLogger` and saves the run.
 
@@ -231,6 +233,12 @@ def run_experiment(
         clip: `(method, threshold)` or `"METHOD[:THRESHOLD]"`: train with
             `clipped_optimizer("adam", <the case's learning rate>, clip=...)`
             instead of the case's optimizer. Defaults to `None`.
+        probe: measure the activations of every hidden layer on the first
+            64 training samples every 200 steps (`GradNormLogger`'s
+            `probe_data`), kept in the run's `activations.json`. Defaults to
+            `True`.
+        update_ratio: record the update-to-weight ratios
+            (`GradNormLogger(update_ratio=True)`). Defaults to `True`.
         verbose: Keras' `verbose` for `fit()`. Defaults to `"auto"`.
         write_figures: save the figures into the run directory. Defaults to
             `True`.
@@ -290,7 +298,7 @@ def run_experiment(
         with open(os.path.join(run_dir, "config.json"), "x") as f:
             json.dump(config, f, indent=1, default=_json_default)
 
-    logger = GradNormLogger()
+    logger = GradNormLogger(probe_data=x[:64] if probe else None, update_ratio=update_ratio)
     run_callbacks = [logger]
     if monitor:
         monitor = GradientMonitor(logger=logger, **({} if monitor is True else monitor))
@@ -312,6 +320,9 @@ def run_experiment(
         if run_dir is not None and logger.recorder is not None:
             logger.save(os.path.join(run_dir, "grad_norms.csv"))
             logger.save(os.path.join(run_dir, "grad_norms.json"))
+            if logger.activations.steps:
+                runs.write_json(os.path.join(run_dir, "activations.json"),
+                                logger.activations.to_dict())
             if monitor:
                 with open(os.path.join(run_dir, "diagnosis.json"), "x") as f:
                     f.write(monitor.report().to_json(indent=1))

@@ -12,8 +12,12 @@ article's per-epoch probe (`compute_weight_gradient_norms` over all training
 samples) relative to one epoch of training.
 
 Candidates: the logger alone, with the monitor, with TensorBoard scalars
-(default `update_freq`), with histograms every 100 steps, and each clipping
-preset (its own model, same weights, against plain Adam).
+(default `update_freq`), with histograms every 100 steps, with activation
+probes (64 samples of the training data, every 200 steps (the default) and
+every 50), with update-to-weight ratios, and each clipping preset (its own
+model, same weights, against plain Adam). The probes run at batch begin
+from the first step on: measure them over runs several times
+`activation_freq` long (`--steps 1000`).
 
 `--jit-compile true` compiles every model (baseline included) with XLA.
 `--strategy mirrored` runs everything under `tf.distribute.MirroredStrategy`
@@ -110,6 +114,13 @@ def _tb_logger(**kwargs):
     return GradNormLogger(log_dir=tempfile.mkdtemp(prefix="gradtools-bench-"), **kwargs)
 
 
+_PROBE = {}  # the probe batch of the model being measured (set by bench_model)
+
+
+def _probed(**kwargs):
+    return [GradNormLogger(probe_data=_PROBE["x"], **kwargs)]
+
+
 def _monitored():
     logger = GradNormLogger()
     return [logger, GradientMonitor(logger, verbose=0)]
@@ -121,6 +132,9 @@ CANDIDATES = {
     "logger+monitor": (_monitored, None),
     "logger+tb_scalars": (lambda: [_tb_logger()], None),
     "logger+tb_scalars+hist100": (lambda: [_tb_logger(histogram_freq=100)], None),
+    "logger+probe": (_probed, None),  # 64 samples every 200 steps (the default)
+    "logger+probe50": (lambda: _probed(activation_freq=50), None),
+    "logger+update_ratio": (lambda: [GradNormLogger(update_ratio=True)], None),
     "clip=value": (lambda: [], lambda: clipped_optimizer("adam", 1e-3, clip="value")),
     "clip=norm": (lambda: [], lambda: clipped_optimizer("adam", 1e-3, clip="norm")),
     "clip=global_norm": (lambda: [], lambda: clipped_optimizer("adam", 1e-3, clip="global_norm")),
@@ -155,6 +169,7 @@ def _time_fit(model, x, y, batch_size, callbacks):
 def bench_model(name, steps, reps, candidates):
     build, flatten, batch_size = MODELS[name]
     (x, y), _ = load_mnist(flatten=flatten, subset=steps * batch_size)
+    _PROBE["x"] = x[:64]
     keras.utils.set_random_seed(0)
     with _scope():
         model = _compile(build())

@@ -84,8 +84,10 @@ def logger_scenario():
     }
     y = rng.integers(0, 3, 96)
     for name, (build, x) in data.items():
-        def fit(model):
-            logger = GradNormLogger(include_biases=True)
+        def fit(model, x=x):
+            logger = GradNormLogger(include_biases=True,
+                                    probe_data=x[:16] if name == "mlp" else None,
+                                    activation_freq=4)
             model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0,
                       callbacks=[logger])
             return logger
@@ -101,6 +103,21 @@ def logger_scenario():
                 [m2.history.history[f"grad_norm/{k}"] for k in l2.keys]),
             "min_norm": float(np.min(l1.norms)),
         }
+        if name == "mlp":  # activation probes: the same statistics as on one device
+            stats = [[[entry[layer][f] for layer in entry for f in ("mean", "std", "gain")]
+                      for entry in logger.activations.stats] for logger in (l1, l2)]
+            out[name]["probe_steps"] = [l1.activations.steps, l2.activations.steps]
+            out[name]["probe_max_rel"] = _rel(np.array(stats[0]), np.array(stats[1]))
+    # Update-to-weight ratios are one-replica only: refused before training.
+    with STRATEGY.scope():
+        model = _mlp()
+        model.compile("sgd", CE)
+    try:
+        model.fit(data["mlp"][1], y, epochs=1, verbose=0,
+                  callbacks=[GradNormLogger(update_ratio=True)])
+        out["update_ratio_refused"] = None
+    except ValueError as e:
+        out["update_ratio_refused"] = str(e)
     return out
 
 
@@ -219,8 +236,10 @@ def clipping_scenario():
     for clip, threshold in thresholds.items():
         kwargs = {"warmup": 3} if clip == "zclip" else {}
 
-        def fit(model):
-            logger = GradNormLogger(include_biases=True)
+        def fit(model, x=x):
+            logger = GradNormLogger(include_biases=True,
+                                    probe_data=x[:16] if name == "mlp" else None,
+                                    activation_freq=4)
             model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0,
                       callbacks=[logger])
             return logger

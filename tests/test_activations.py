@@ -349,3 +349,36 @@ def test_update_ratio_finds_learning_rates_far_too_high_or_low():
     assert high.evidence["direction"] == "high" and high.detected_step == 49
     assert high.evidence["median_ratios"]["lin/w/kernel"] > 0.1
     assert "Lower the learning rate from 1 to 0.1" in high.fixes[0]
+
+
+def test_update_ratio_on_a_model_that_records_in_its_own_train_step():
+    from keras_gradtools import GradNormModel
+
+    x, y = _data(64)
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6,))
+    hidden = keras.layers.Dense(5, activation="tanh", name="h")(inputs)
+    model = GradNormModel(inputs, keras.layers.Dense(3, activation="softmax", name="out")(hidden),
+                          name="own")
+    model.compile(keras.optimizers.SGD(0.2), "sparse_categorical_crossentropy")
+    logger, kernels = GradNormLogger(update_ratio=True), _Kernels(["h", "out"])
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False, callbacks=[logger, kernels])
+    ratios = np.stack([logger.update_ratios[k] for k in logger.keys], axis=1)
+    norms = np.stack([logger.history[k] for k in logger.keys], axis=1)
+    before = np.array([[np.linalg.norm(w) for w in step] for step in kernels.values[:-1]])
+    assert ratios.shape == (4, 2)
+    np.testing.assert_allclose(ratios * before, 0.2 * norms, rtol=2e-4)
+    assert model.gradtools_recorders == []  # nothing left behind
+
+
+def test_update_ratios_survive_runs_longer_than_the_ring_buffer():
+    x, y = _data(256)
+    model = _sigmoid_relu_model()
+    model.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy")
+    logger = GradNormLogger(update_ratio=True, flush_every=4)  # a ring buffer of 7 rows
+    with __import__("warnings").catch_warnings():
+        __import__("warnings").simplefilter("error")  # no "overwritten before read"
+        model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[logger])
+    ratios = np.stack([logger.update_ratios[k] for k in logger.keys], axis=1)
+    assert logger.update_recorder.capacity == 7 and ratios.shape == (64, 3)
+    assert np.isfinite(ratios).all()  # no row lost (a lost row is NaN)

@@ -51,6 +51,13 @@ def test_logger_records_the_all_reduced_gradient(results, model):
     assert r["epoch_means_rel"] <= 1e-5
     assert r["weights"] <= 1e-5
     assert r["min_norm"] > 1e-3  # the comparison is not between zeros
+    if model == "mlp":
+        assert r["probe_steps"] == [[0, 4, 8], [0, 4, 8]]
+        assert r["probe_max_rel"] <= 1e-5
+
+
+def test_update_ratio_is_refused_with_several_replicas(results):
+    assert "not supported" in results["logger"]["update_ratio_refused"]
 
 
 def test_gradnorm_model_records_the_sum_not_a_share(results):

@@ -106,3 +106,44 @@ def test_labels_stay_unique_for_repeated_block_layers():
     fig = plots.gradient_flow(np.ones((3, 3)), keys)
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == [
         "block_0/conv1/kernel", "block_1/conv1/kernel", "output/kernel"]
+
+
+def test_activations_figure_draws_mean_and_std_band_per_layer():
+    from keras_gradtools.activations import ActivationRecord
+
+    record = ActivationRecord()
+    for step, top in ((0, 0.5), (200, 0.1), (400, 0.05)):
+        record.append(step, {"deep/dense_0": {"mean": 0.5, "std": 0.1},
+                             "deep/dense_1": {"mean": top, "std": 0.02}})
+    fig = plots.activations_over_training(record)
+    ax = fig.axes[0]
+    lines = {l.get_label(): l for l in ax.get_lines()}
+    assert sorted(lines) == ["dense_0", "dense_1"]
+    np.testing.assert_allclose(lines["dense_1"].get_xdata(), [0, 200, 400])
+    np.testing.assert_allclose(lines["dense_1"].get_ydata(), [0.5, 0.1, 0.05])
+    band = ax.collections[1].get_paths()[0].vertices[:, 1]  # dense_1's mean +/- std
+    assert band.min() == pytest.approx(0.03) and band.max() == pytest.approx(0.52)
+
+
+def test_update_ratio_figure_log_scale_with_the_band():
+    ratios = np.tile([1e-3, 2e-2], (50, 1))
+    ratios[10, 0] = 0.0  # a skipped step is not drawn at 0 on a log axis
+    fig = plots.update_ratios_over_steps(ratios, KEYS[:2])
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "log" and ax.get_ylabel() == "||dw|| / ||w||"
+    lines = [l for l in ax.get_lines() if l.get_label().startswith("dense_")]
+    assert len(lines) == 2 and np.isnan(lines[0].get_ydata()[10])
+    band = [p for p in ax.patches if p.get_label() == "healthy band"]
+    assert len(band) == 1
+
+
+def test_plot_command_adds_activation_and_update_figures(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    json.dump({"keys": KEYS[:2], "epoch_end_steps": [20], "norms": np.ones((20, 2)).tolist(),
+               "update_ratios": np.full((20, 2), 1e-3).tolist()}, open(run / "grad_norms.json", "w"))
+    json.dump({"steps": [0, 10], "stats": [{"deep/dense_0": {"mean": 0.5, "std": 0.1}}] * 2},
+              open(run / "activations.json", "w"))
+    result = CliRunner().invoke(cli.main, ["plot", str(run)])
+    assert result.exit_code == 0, result.output
+    assert {"activations.png", "update_ratios.png"} <= set(os.listdir(run / "figures"))

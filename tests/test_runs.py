@@ -271,6 +271,13 @@ def test_run_commands_refuse_what_is_not_a_readable_run(user_run, tmp_path, comm
     config["format"] = FORMAT + 1
     (newer / "config.json").write_text(json.dumps(config))
     assert "written by a newer keras_gradtools" in invoke(newer)
+    probes = tmp_path / "probes"
+    probes.mkdir()
+    (probes / "grad_norms.json").write_text(text)
+    (probes / "activations.json").write_text(json.dumps({"steps": [0, 5], "stats": [{}]}))
+    assert "not an activation record" in invoke(probes)
+    (probes / "activations.json").write_text('{"steps": [0')
+    assert "activations.json" in invoke(probes) and "cannot be read" in invoke(probes)
 
 
 def test_compare_needs_two_runs(user_run):
