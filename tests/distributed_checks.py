@@ -236,10 +236,8 @@ def clipping_scenario():
     for clip, threshold in thresholds.items():
         kwargs = {"warmup": 3} if clip == "zclip" else {}
 
-        def fit(model, x=x):
-            logger = GradNormLogger(include_biases=True,
-                                    probe_data=x[:16] if name == "mlp" else None,
-                                    activation_freq=4)
+        def fit(model):
+            logger = GradNormLogger(include_biases=True)
             model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0,
                       callbacks=[logger])
             return logger
