@@ -44,7 +44,8 @@ about 7,000 steps).
 
 Run: `python scripts/bench_monitor.py --out corpus` (full scale: about
 2 hours on 2 CPU cores with 10 ResNet epochs), then
-`python scripts/bench_monitor.py --rejudge corpus`.
+`python scripts/bench_monitor.py --rejudge corpus` (add `--around-spike`
+for the update ratios, global norm and loss around each exploding finding).
 """
 
 import json
@@ -243,19 +244,13 @@ def visible_step(label, loss, classes):
 
 def judge(path):
     """The monitor's findings on a kept run, and the verdict against its label."""
-    from keras_gradtools.activations import ActivationRecord
-    from keras_gradtools.diagnose import FAILURE_KINDS, ModelFacts, diagnose_norms
+    from keras_gradtools.diagnose import FAILURE_KINDS
 
     with open(os.path.join(path, "meta.json")) as f:
         meta = json.load(f)
     data = np.load(os.path.join(path, "recording.npz"))
-    with open(os.path.join(path, "activations.json")) as f:
-        activations = ActivationRecord.from_dict(json.load(f))
     ends = [int(s) for s in data["epoch_end_steps"]]
-    report = diagnose_norms(
-        data["norms"], meta["keys"], ends, clipping=meta["clipping"],
-        skipped_steps=data["skipped_steps"], facts=ModelFacts.from_dict(meta["facts"]),
-        activations=activations, update_ratios=data["update_ratios"])
+    report = judge_report(path)
     failures = [f for f in report.findings if f.kind in FAILURE_KINDS]
     row = {"name": meta["name"], "label": meta["label"], "steps": int(len(data["norms"])),
            "epochs": meta["epochs"], "wall_s": meta["wall_s"],
@@ -281,6 +276,50 @@ def judge(path):
             else:
                 row["verdict"] += ", no 5x loss jump in this run"
     return row
+
+
+def around_spike(path, window=200):
+    """For a run with an exploding finding: update ratios and norms just before and after it.
+
+    Returns a dict: the detection step; over the `window` steps before it and
+    after it, the median over kernels of the per-step update-to-weight ratio
+    (its median and largest value over the steps), the largest global
+    gradient norm, and the per-step loss (median, largest); or `None`.
+    """
+    data = np.load(os.path.join(path, "recording.npz"))
+    found = [f for f in judge_report(path).findings if f.kind == "exploding"]
+    if not found:
+        return None
+    step = found[0].detected_step
+    ratios = np.nanmedian(np.where(data["update_ratios"] > 0, data["update_ratios"], np.nan),
+                          axis=1)
+    norms = np.sqrt(np.nansum(np.square(data["norms"]), axis=1))
+    loss = data["step_loss"]
+    out = {"detected_step": int(step)}
+    for side, part in (("before", slice(step - window, step)), ("after", slice(step, step + window))):
+        out[side] = {"update_ratio_median": float(np.nanmedian(ratios[part])),
+                     "update_ratio_max": float(np.nanmax(ratios[part])),
+                     "global_norm_max": float(np.nanmax(norms[part])),
+                     "loss_median": float(np.nanmedian(loss[part])),
+                     "loss_max": float(np.nanmax(loss[part]))}
+    return out
+
+
+def judge_report(path):
+    """The `Report` of a kept run (what `judge` summarizes)."""
+    from keras_gradtools.activations import ActivationRecord
+    from keras_gradtools.diagnose import ModelFacts, diagnose_norms
+
+    with open(os.path.join(path, "meta.json")) as f:
+        meta = json.load(f)
+    data = np.load(os.path.join(path, "recording.npz"))
+    with open(os.path.join(path, "activations.json")) as f:
+        activations = ActivationRecord.from_dict(json.load(f))
+    return diagnose_norms(
+        data["norms"], meta["keys"], [int(s) for s in data["epoch_end_steps"]],
+        clipping=meta["clipping"], skipped_steps=data["skipped_steps"],
+        facts=ModelFacts.from_dict(meta["facts"]), activations=activations,
+        update_ratios=data["update_ratios"])
 
 
 def table(rows):
@@ -309,14 +348,24 @@ def table(rows):
 @click.option("--resnet-epochs", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--rejudge", type=click.Path(exists=True, file_okay=False), default=None,
               help="Judge the runs kept in this corpus again; train nothing.")
-def main(out, runs, scale, resnet_epochs, rejudge):
+@click.option("--around-spike", "show_spike", is_flag=True,
+              help="With --rejudge: also print, for each run with an exploding finding, the "
+                   "update-to-weight ratio, global norm and loss 200 steps before and after it.")
+def main(out, runs, scale, resnet_epochs, rejudge, show_spike):
     """Trains the labelled runs (or re-judges a corpus) and prints the table."""
+    if show_spike and not rejudge:
+        raise click.UsageError("--around-spike reads a kept corpus: give --rejudge CORPUS")
     if rejudge:
         names = sorted(n for n in os.listdir(rejudge)
                        if os.path.exists(os.path.join(rejudge, n, "meta.json")))
         if not names:
             raise click.UsageError(f"{rejudge} holds no kept run (no */meta.json)")
         rows = [judge(os.path.join(rejudge, n)) for n in names]
+        if show_spike:
+            for n in names:
+                found = around_spike(os.path.join(rejudge, n))
+                if found is not None:
+                    click.echo(f"{n}: {json.dumps(found)}")
     else:
         names = [n.strip() for n in runs.split(",") if n.strip()]
         unknown = [n for n in names if n not in ALL_RUNS]
