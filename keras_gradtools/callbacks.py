@@ -48,6 +48,10 @@ class GradNormLogger(keras.callbacks.Callback):
       the progress bar, `CSVLogger` and `EarlyStopping` see it; the
       per-variable means go straight into `History` to keep the progress bar
       readable).
+    - `activations` (with `probe_data`): an `ActivationRecord`, the
+      statistics of each hidden layer's activations on the probe batch at
+      every probe step; `update_ratios` (with `update_ratio=True`): dict
+      `key -> 1-D array` of each step's update-to-weight ratio.
 
     Details a user relies on:
 
@@ -90,8 +94,10 @@ class GradNormLogger(keras.callbacks.Callback):
     recording (nothing extra in the train step); with a clipping optimizer
     also `grad_norm_applied/global`; histograms `grad_hist/<key>` of each
     recorded gradient's values every `histogram_freq` steps, computed in the
-    compiled step only on those steps; and the `GradientMonitor`'s findings
-    as text (`gradtools/findings`). See `keras_gradtools.summaries` for the
+    compiled step only on those steps; with `probe_data`, scalars
+    `activation/<layer>/<mean|std|saturated|dead|gain>` and histograms
+    `activation_hist/<layer>` at every probe; and the `GradientMonitor`'s
+    findings as text (`gradtools/findings`). See `keras_gradtools.summaries` for the
     layout that lines up with Keras' own `TensorBoard` callback. Events are
     flushed at every host read, so a run interrupted by an exception,
     `KeyboardInterrupt` or `stop_training` leaves readable files.

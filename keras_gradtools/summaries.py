@@ -1,4 +1,4 @@
-"""TensorBoard output of gradient norms, histograms and findings.
+"""TensorBoard output of gradient norms, histograms, activation statistics and findings.
 
 Layout: `GradNormLogger(log_dir="logs/run1")` writes into `logs/run1/train`,
 the directory Keras' own `TensorBoard(log_dir="logs/run1")` callback uses
@@ -28,7 +28,7 @@ SUFFIX = ".gradtools"
 
 
 class GradientSummaryWriter:
-    """Writes `grad_norm/*` scalars, `grad_hist/*` histograms and finding texts.
+    """Writes `grad_norm/*` scalars, `grad_hist/*` histograms, `activation*/*` and finding texts.
 
     The events are the ones `tf.summary.scalar`, `tf.summary.write` and
     `tf.summary.text` write (tensor summaries with the scalars, histograms and
