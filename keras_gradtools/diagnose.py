@@ -880,8 +880,8 @@ def vanishing_cause(layer_key, observed_ratio, stats):
 
 def _probe_rule(kind, field, entries, state, fraction, patience, message, fixes):
     """A rule over probe statistics: `field` >= `fraction` for `patience` probes in a row."""
-    state = dict(state or {"run": {}, "fired": False})
-    run = dict(state["run"])
+    state = dict(state or {"run": {}, "since": {}, "fired": False})
+    run, since = dict(state["run"]), dict(state.get("since", {}))
     findings = []
     for step, stats in entries:
         hit = []
@@ -889,6 +889,8 @@ def _probe_rule(kind, field, entries, state, fraction, patience, message, fixes)
             value = entry.get(field)
             if value is not None and np.isfinite(value) and value >= fraction:
                 run[layer] = run.get(layer, 0) + 1
+                if run[layer] == 1:
+                    since[layer] = int(step)
             else:
                 run[layer] = 0
             if run[layer] >= patience:
@@ -897,13 +899,14 @@ def _probe_rule(kind, field, entries, state, fraction, patience, message, fixes)
             state["fired"] = True
             values = {layer: float(stats[layer][field]) for layer in hit}
             findings.append(Finding(
-                kind=kind, step=int(step), detected_step=int(step), layers=hit,
+                kind=kind, step=min(since[layer] for layer in hit), detected_step=int(step),
+                layers=hit,
                 evidence={field: values, "fraction_threshold": fraction,
                           "patience_probes": patience,
                           "means": {layer: float(stats[layer]["mean"]) for layer in hit},
                           "stds": {layer: float(stats[layer]["std"]) for layer in hit}},
                 message=message(hit, values, stats), fixes=fixes(hit, stats)))
-    state["run"] = run
+    state["run"], state["since"] = run, since
     return findings, state
 
 
@@ -928,8 +931,8 @@ def saturation_rule(entries, state=None, fraction=0.5, patience=3):
     >>> entries = [(s, {"m/d0": {"activation": "sigmoid", "mean": 0.02, "std": 0.01,
     ...                          "saturated": 0.9}}) for s in (0, 100, 200)]
     >>> (finding,), _ = saturation_rule(entries)
-    >>> finding.kind, finding.step, finding.layers
-    ('saturation', 200, ['m/d0'])
+    >>> finding.kind, finding.step, finding.detected_step, finding.layers
+    ('saturation', 0, 200, ['m/d0'])
     """
     def message(hit, values, stats):
         layer = hit[0]

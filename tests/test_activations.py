@@ -231,13 +231,14 @@ def _entries(field, values, activation):
 def test_probe_rules_need_patience_in_a_row():
     assert saturation_rule(_entries("saturated", [0.9, 0.9, 0.4, 0.9, 0.9], "sigmoid"))[0] == []
     (f,), _ = saturation_rule(_entries("saturated", [0.4, 0.5, 0.6, 0.7], "sigmoid"))
-    assert (f.kind, f.step, f.evidence["saturated"]) == ("saturation", 300, {"m/d0": 0.7})
+    assert (f.kind, f.step, f.detected_step) == ("saturation", 100, 300)
+    assert f.evidence["saturated"] == {"m/d0": 0.7}
     # Fed one probe at a time, the same finding.
     state, found = None, []
     for entry in _entries("saturated", [0.4, 0.5, 0.6, 0.7], "sigmoid"):
         new, state = saturation_rule([entry], state)
         found += new
-    assert [g.step for g in found] == [300]
+    assert [(g.step, g.detected_step) for g in found] == [(100, 300)]
     (f,), _ = dead_units_rule(_entries("dead", [1.0, 1.0, 1.0], "relu"))
     assert f.kind == "dead_units" and "leaky_relu" in f.fixes[0]
 
@@ -316,7 +317,8 @@ def test_dead_relu_network():
     report = monitor.report()
     assert [s["dead/h"]["dead"] for s in logger.activations.stats[:3]] == [1.0, 1.0, 1.0]
     finding = report.first("dead_units")
-    assert (finding.layers, finding.step) == (["dead/h"], 16)  # the third probe in a row
+    # Dead from the first probe on, told at the third in a row.
+    assert (finding.layers, finding.step, finding.detected_step) == (["dead/h"], 0, 16)
     # With every unit of h at 0, neither kernel gets a gradient.
     dead_layer = report.first("dead_layer")
     assert dead_layer.layers == ["dead/h/kernel", "dead/out/kernel"]
