@@ -13,13 +13,14 @@ Rules and their defaults:
   layer's (the last recorded weight), or below the absolute `floor`
   (1e-7), for `patience` (50) consecutive steps; batch-norm `gamma`/`beta`
   and biases are not judged.
-- `exploding_rule`: a spike of the global norm, or of a layer's, against its
-  own recent history: on the log scale, an exponential moving average
-  (`alpha` 0.97) of mean and variance; a step whose z-score exceeds
-  `zscore` (3.0; `layer_zscore`, 5.0, for a single layer's series, since
-  dozens of layers are tested at once) *and* whose norm is at least `ratio`
-  (10) times the moving average, after `warmup` (100) steps; or any norm
-  above the absolute `ceiling` (1e6). When the optimizer clips, spikes are reported as
+- `exploding_rule`: a spike of the global norm against its own recent
+  history: on the log scale, an exponential moving average (`alpha` 0.97)
+  of mean and variance; a step whose z-score exceeds `zscore` (3.0) *and*
+  whose norm is at least `ratio` (10) times the moving average, after
+  `warmup` (100) steps, confirmed when the norm is that high again in
+  `confirm` (3) of the `confirm_window` (10) steps from the spike on; or a
+  global norm above the absolute `ceiling` (1e6). It names the layers that
+  spiked with it (`layer_zscore`, 5.0, against their own history). When the optimizer clips, spikes are reported as
   `clipped_spike` (absorbed by the clipping), not `exploding`.
 - `nonfinite_rule`: any NaN or Inf norm, naming the first variable from the
   input side.
@@ -68,7 +69,7 @@ DEFAULTS = {
     "vanishing": {"ratio": 1e-3, "floor": 1e-7, "patience": 50,
                   "skip": ("gamma", "beta", "bias")},
     "exploding": {"alpha": 0.97, "zscore": 3.0, "layer_zscore": 5.0, "ratio": 10.0,
-                  "warmup": 100, "ceiling": 1e6},
+                  "warmup": 100, "ceiling": 1e6, "confirm": 3, "confirm_window": 10},
     "dead_layer": {"patience": 50},
     "saturation": {"fraction": 0.5, "patience": 3},
     "dead_units": {"fraction": 0.5, "patience": 3},
@@ -576,7 +577,7 @@ def vanishing_rule(rows, keys, first_step=0, state=None, ratio=1e-3, floor=1e-7,
 
 def exploding_rule(rows, keys, first_step=0, state=None, alpha=0.97, zscore=3.0,
                    ratio=10.0, warmup=100, ceiling=1e6, clipping=None, layer_zscore=5.0,
-                   facts=None):
+                   facts=None, confirm=3, confirm_window=10):
     """Finds spikes of the global norm against its recent history, and the layers behind them.
 
     The global norm and each variable's norm are followed on the log scale
@@ -589,9 +590,16 @@ def exploding_rule(rows, keys, first_step=0, state=None, alpha=0.97, zscore=3.0,
     dozens of layers are tested at once), else those that grew `ratio`-fold,
     else the three that grew most.
 
-    The verdict weighs harm, not one layer's surprise: a layer whose own
-    norm jumps while the global norm stays within `ratio` of its level did
-    not move the step the optimizer takes, and is not reported. (A
+    The verdict weighs harm, not one layer's surprise. A spike must last:
+    the global norm must be at least `ratio` times the level it jumped from
+    again (or non-finite) in `confirm` of the `confirm_window` steps from
+    the spike on (the spike included), and the finding is told at the step
+    that confirms it (`detected_step`; `step` is the spike's); a norm above
+    `ceiling` needs no confirmation. A one-step spike that is gone the next
+    step (seen in batch-normalized networks, whose loss does not move) is not
+    reported. And a layer whose own norm jumps while the global norm stays
+    within `ratio` of its level did not move the step the optimizer takes,
+    and is not reported either. (A
     convolution followed by batch normalization is the common case: its
     output does not depend on the kernel's scale, so the kernel's gradient
     norm swings by orders of magnitude in healthy training.) Non-finite
@@ -619,17 +627,24 @@ def exploding_rule(rows, keys, first_step=0, state=None, alpha=0.97, zscore=3.0,
             Defaults to `5.0`.
         facts: the model's `ModelFacts`, to choose fixes that fit it, or
             `None` for generic ones. Defaults to `None`.
+        confirm: steps at least `ratio` times the pre-spike level (the
+            spike's own included) that confirm a spike. Defaults to `3`.
+        confirm_window: the steps, from the spike on, in which they must
+            fall. Defaults to `10`.
 
     Returns:
         `(findings, state)`; at most one finding per run.
 
     Example:
 
-    >>> rows = np.concatenate([np.full((200, 1), 1.0), [[500.0]]])
+    >>> rows = np.concatenate([np.full((200, 1), 1.0), [[500.0]] * 5])
     >>> rows[::2] *= 1.1  # a little noise
     >>> findings, _ = exploding_rule(rows, ["w/kernel"])
-    >>> findings[0].step
-    200
+    >>> findings[0].step, findings[0].detected_step
+    (200, 202)
+    >>> rows[201:] = 1.0  # gone the next step: a transient, no finding
+    >>> exploding_rule(rows, ["w/kernel"])[0]
+    []
     """
     rows = np.asarray(rows, dtype=float)
     n = len(keys)
@@ -649,9 +664,30 @@ def exploding_rule(rows, keys, first_step=0, state=None, alpha=0.97, zscore=3.0,
             else np.array(state["mean"], float))
     var = np.array(state["var"], float)
     counts = np.array(state.get("counts", np.zeros(n + 1, int)))
+    pending = state.get("pending")
     for i in range(len(rows)):
         x, lx = series[i], logs[i]
         finite = np.isfinite(x)
+        if pending is not None and not state["fired"]:
+            # A spike waits for its confirmation: the global norm again at least
+            # `ratio` times the level it jumped from (or non-finite) in `confirm`
+            # of the `confirm_window` steps from the spike on.
+            pending["waited"] += 1
+            if not finite[0] or x[0] >= ratio * pending["level"]:
+                pending["seen"] += 1
+            if pending["seen"] >= confirm:
+                state["fired"] = True
+                finding = pending["finding"]
+                finding.detected_step = first_step + i
+                finding.evidence["confirmed_in"] = [pending["seen"] - 1, pending["waited"]]
+                again = (f", and was at least {ratio:g}x that level again in "
+                         f"{pending['seen'] - 1} of the next {pending['waited']} steps")
+                head, sep, tail = finding.message.partition("; ")
+                finding.message = head + again + sep + tail
+                findings.append(finding)
+                pending = None
+            elif pending["waited"] >= confirm_window - 1:
+                pending = None  # a transient spike: no harm done
         if not finite.all():
             continue  # nonfinite_rule's business
         # Exact zeros (a layer, or everything, that got no gradient: see
@@ -671,8 +707,7 @@ def exploding_rule(rows, keys, first_step=0, state=None, alpha=0.97, zscore=3.0,
         bar[0] = zscore
         against_history = valid & (counts >= warmup) & (z > bar) & (jump >= ratio)
         spiking = against_history | (x > ceiling)
-        if not state["fired"] and spiking[0]:
-            state["fired"] = True
+        if not state["fired"] and pending is None and spiking[0]:
             step = first_step + i
             layers = [k for k, s in zip(keys, spiking[1:]) if s]
             if not layers:  # no layer beat its own bar: name the layers that grew
@@ -694,7 +729,7 @@ def exploding_rule(rows, keys, first_step=0, state=None, alpha=0.97, zscore=3.0,
                       f"{jump[j]:.3g} times its recent level {level[j]:.3g} (z = {z[j]:.1f})")
             if clipping:
                 evidence["clipping"] = clipping
-                findings.append(Finding(
+                found = (Finding(
                     kind="clipped_spike", step=step, detected_step=step, layers=layers,
                     evidence=evidence,
                     message=(f"the {which} spiked to {x[j]:.3g}, {reason}; the optimizer's "
@@ -704,19 +739,25 @@ def exploding_rule(rows, keys, first_step=0, state=None, alpha=0.97, zscore=3.0,
                            "become frequent, lower the learning rate."],
                 ))
             else:
-                findings.append(Finding(
+                found = (Finding(
                     kind="exploding", step=step, detected_step=step, layers=layers,
                     evidence=evidence,
                     message=(f"the {which} jumped to {x[j]:.3g}, {reason}; "
                              f"{len(layers)} variable(s) grew with it ({_span(layers)})."),
                     fixes=_exploding_fixes(level[0], facts),
                 ))
+            if x[0] > ceiling or confirm <= 1:  # above the ceiling: harm enough
+                state["fired"] = True
+                findings.append(found)
+            else:
+                pending = {"level": float(level[0]), "seen": 1, "waited": 0, "finding": found}
         # Update the averages with this step (spikes included, as ZClip).
         d = np.where(valid, lx - mean, 0.0)
         mean = mean + (1 - alpha) * d
         var = np.where(valid, alpha * (var + (1 - alpha) * d * d), var)
         counts = counts + valid
     state["mean"], state["var"], state["counts"] = mean, var, counts
+    state["pending"] = pending
     return findings, state
 
 

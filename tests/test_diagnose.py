@@ -68,10 +68,12 @@ def test_vanishing_quiet_on_healthy_noise():
 
 def test_exploding_fires_on_spike_after_warmup():
     rows = _healthy(300)
-    rows[250] *= 200
+    rows[250:] *= 200  # and stays up: the blow-up of the article's deep linear MLP
     findings, _ = exploding_rule(rows, KEYS)
     (f,) = findings
     assert f.kind == "exploding" and f.step == 250
+    assert f.detected_step == 252  # confirmed by the next two steps (3 of them in all)
+    assert f.evidence["confirmed_in"] == [2, 2] and "again in 2 of the next 2 steps" in f.message
     assert f.layers == KEYS
     assert f.evidence["jump"] >= 10 and f.evidence["zscore"] > 3
     assert any("clipnorm" in fix for fix in f.fixes)
@@ -86,7 +88,7 @@ def test_exploding_ratio_edge():
     base = np.ones((200, 3))  # no noise: any jump is a huge z-score
     for factor, fires in ((10.0, True), (9.9, False)):
         rows = base.copy()
-        rows[150] = 1.0 * factor  # the global norm jumps by `factor` exactly
+        rows[150:] = 1.0 * factor  # the global norm jumps by `factor` exactly, and stays
         findings, _ = exploding_rule(rows, KEYS, ratio=10.0)
         assert bool(findings) is fires, factor
         if fires:
@@ -103,7 +105,7 @@ def test_exploding_ignores_one_layer_that_leaves_the_global_norm_alone():
     global_jump = np.linalg.norm(rows[250]) / np.linalg.norm(rows[249])
     assert global_jump < 2
     assert exploding_rule(rows, KEYS)[0] == []
-    rows[250] *= [1.0, 30.0, 30.0]  # now the step itself blew up
+    rows[250:] *= [1.0, 30.0, 30.0]  # now the steps themselves blew up
     (f,), _ = exploding_rule(rows, KEYS)
     assert f.kind == "exploding" and f.step == 250 and f.evidence["series"] == "global"
 
@@ -117,9 +119,30 @@ def test_exploding_waits_for_warmup_but_not_the_ceiling():
     assert findings[0].step == 60 and findings[0].layers == ["m/mid/kernel"]
 
 
+def test_exploding_needs_the_spike_to_last():
+    """A one-step spike that is gone the next step did no harm (a BN network's transient)."""
+    rows = _healthy(400)
+    rows[250] *= 200
+    assert exploding_rule(rows, KEYS)[0] == []
+    # Confirmation: back above 10x the pre-spike level in 2 of the next 9 steps.
+    for again, fires in (((251,), False), ((253, 259), True), ((253, 260), False)):
+        rows = _healthy(400)
+        rows[250] *= 200
+        rows[list(again)] *= 200
+        findings, _ = exploding_rule(rows, KEYS)
+        assert bool(findings) is fires, again
+        if fires:
+            assert (findings[0].step, findings[0].detected_step) == (250, 259)
+    # Above the absolute ceiling: no wait.
+    rows = _healthy(400)
+    rows[250] = 2e6
+    (f,), _ = exploding_rule(rows, KEYS)
+    assert f.step == f.detected_step == 250
+
+
 def test_spike_absorbed_by_clipping_is_not_a_failure():
     rows = _healthy(300)
-    rows[250] *= 200
+    rows[250:260] *= 200
     findings, _ = exploding_rule(rows, KEYS, clipping="clipnorm=1")
     assert [f.kind for f in findings] == ["clipped_spike"]
     report = diagnose_norms(rows, KEYS, clipping="clipnorm=1")
@@ -205,7 +228,7 @@ def test_dead_layer():
 def test_feeding_in_blocks_equals_one_go():
     rows = _healthy(1200, seed=3)
     rows[:, 0] *= 1e-5
-    rows[900] *= 500
+    rows[900:905] *= 500
     rows[1100, 2] = np.nan
     whole = diagnose_norms(rows, KEYS, epoch_end_steps=[600, 1200])
     d = Diagnoser(KEYS)
@@ -309,7 +332,7 @@ def test_vanishing_fixes_never_suggest_what_the_model_has():
 
 
 def test_exploding_fixes_fit_the_model():
-    rows = np.concatenate([np.full((200, 4), 1.0), [[500.0] * 4]])
+    rows = np.concatenate([np.full((200, 4), 1.0), [[500.0] * 4] * 5])
     rows[::2] *= 1.1
     resnet_like = _facts("relu", normalization=["net/bn"], residual=True)
     fixes = diagnose_norms(rows, KEYS4, facts=resnet_like).first("exploding").fixes
@@ -347,7 +370,7 @@ def test_a_recovery_from_zero_gradients_is_not_a_spike():
     rows[:50, 0] = 0.0   # one variable gets its first gradient at step 50
     report = diagnose_norms(rows, ["a/kernel", "b/kernel", "c/kernel"])
     assert report.kinds() == {"dead_layer"}
-    rows[300] *= 1000.0  # a real spike after the recovery is still found
+    rows[300:] *= 1000.0  # a real blow-up after the recovery is still found
     assert diagnose_norms(rows, ["a/kernel", "b/kernel", "c/kernel"]).first("exploding").step == 300
 
 

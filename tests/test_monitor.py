@@ -116,7 +116,7 @@ def test_spike_under_a_clipping_optimizer_is_reported_as_absorbed(clip):
     model.compile(optimizer=clipped_optimizer("sgd", 1e-3, clip=clip),
                   loss="sparse_categorical_crossentropy")
     x, y = _data(n=8 * 200)
-    x[8 * 150:8 * 151] *= 1e4  # one batch of huge inputs: a gradient spike at step 150
+    x[8 * 150:8 * 155] *= 1e4  # five batches of huge inputs: a gradient spike from step 150
     monitor = GradientMonitor(verbose=0)
     model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
     kinds = [(f.kind, f.step) for f in monitor.report().findings]
