@@ -164,6 +164,10 @@ def render_report(run):
         "grad_norms_steps.png": "Every recorded variable's gradient norm at every step (log scale).",
         "gradient_flow.png": "Gradient flow: mean and largest norm per layer, input to output.",
         "norm_heatmap.png": "log10 gradient norm, layers x steps.",
+        "activations.png": ("Each hidden layer's activations on the probe batch over training: "
+                            "mean +/- std (Glorot & Bengio 2010, Figure 2)."),
+        "update_ratios.png": ("Each weight's update-to-weight ratio ||dw|| / ||w|| per step "
+                              "(log scale; healthy band shaded)."),
         "accuracy.png": "Accuracy per epoch.",
         "loss_and_grad_norms.png": "Loss and gradient norms per epoch.",
     }
