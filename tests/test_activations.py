@@ -317,8 +317,9 @@ def test_dead_relu_network():
     report = monitor.report()
     assert [s["dead/h"]["dead"] for s in logger.activations.stats[:3]] == [1.0, 1.0, 1.0]
     finding = report.first("dead_units")
-    # Dead from the first probe on, told at the third in a row.
-    assert (finding.layers, finding.step, finding.detected_step) == (["dead/h"], 0, 16)
+    # Dead from the first probe on, told at the first probe after the dead_layer finding
+    # (step 49) showed the harm.
+    assert (finding.layers, finding.step, finding.detected_step) == (["dead/h"], 0, 56)
     # With every unit of h at 0, neither kernel gets a gradient.
     dead_layer = report.first("dead_layer")
     assert dead_layer.layers == ["dead/h/kernel", "dead/out/kernel"]
@@ -384,3 +385,31 @@ def test_update_ratios_survive_runs_longer_than_the_ring_buffer():
     ratios = np.stack([logger.update_ratios[k] for k in logger.keys], axis=1)
     assert logger.update_recorder.capacity == 7 and ratios.shape == (64, 3)
     assert np.isfinite(ratios).all()  # no row lost (a lost row is NaN)
+
+
+def test_activation_rules_report_with_the_gradient_harm_they_explain():
+    from keras_gradtools.diagnose import Diagnoser
+
+    keys = ["m/d0/kernel", "m/out/kernel"]
+    dead = {"m/d0": {"activation": "relu", "mean": 0.0, "std": 0.0, "dead": 0.9, "gain": 0.1,
+                     "saturated": None}}
+    probes = [(s, dead) for s in range(0, 400, 20)]
+    healthy = np.ones((400, 2))
+    # 90 % of the units silent on every probe, gradients fine: no finding (MobileNetV3's
+    # squeeze-and-excite gates look like this while it learns).
+    assert diagnose_norms(healthy, keys, activations=probes).findings == []
+    # The gradient of d0 is exactly 0 from step 100: dead_layer told at 149, then the
+    # dead units as its cause at the next probe (160).
+    starved = healthy.copy()
+    starved[100:, 0] = 0.0
+    whole = diagnose_norms(starved, keys, activations=probes)
+    assert [(f.kind, f.step, f.detected_step) for f in whole.findings] == [
+        ("dead_units", 0, 160), ("dead_layer", 100, 149)]
+    # Fed in any split, probes before or after the norms: the same findings.
+    for cuts in ([0, 7, 160, 161, 400], [0, 149, 150, 400], [0, 400]):
+        d = Diagnoser(keys)
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            d.feed(a, starved[a:b])
+            d.feed_activations([p for p in probes if a < p[0] <= b] if a else
+                               [p for p in probes if p[0] <= b])
+        assert [f.to_dict() for f in d.report().findings] == [f.to_dict() for f in whole.findings]
