@@ -30,11 +30,11 @@ or watch it without activation statistics.
 
 The reduction runs on the host (NumPy), from one `predict_on_batch` of a
 model that outputs the watched layers (built once, sharing the weights):
-no change to the train step, on every backend.
+no change to the train step, on every backend. Keras is imported on first
+use: reading a run's record (`ActivationRecord`) does not import it.
 """
 
 import numpy as np
-import keras
 
 _SATURATION = 0.02  # distance from the bound, as a fraction of the range
 _BOUNDED = ("sigmoid", "hard_sigmoid", "tanh", "softsign")
@@ -58,11 +58,14 @@ def activation_of(layer):
 
     Example:
 
+    >>> import keras
     >>> activation_of(keras.layers.Dense(3, activation="tanh"))
     ('tanh', {})
     >>> activation_of(keras.layers.LeakyReLU(negative_slope=0.1))
     ('leaky_relu', {'negative_slope': 0.1})
     """
+    import keras
+
     kind = type(layer).__name__
     if kind == "ReLU":
         slope = float(getattr(layer, "negative_slope", 0.0) or 0.0)
@@ -197,6 +200,7 @@ class ActivationProbe:
 
     Example:
 
+    >>> import keras
     >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, "sigmoid"),
     ...                           keras.layers.Dense(2, "softmax")], name="net")
     >>> probe = ActivationProbe(model, np.zeros((8, 3)))
@@ -206,6 +210,8 @@ class ActivationProbe:
     """
 
     def __init__(self, model, data, layers=None, outputs_fn=None):
+        import keras
+
         self.model = model
         self.data = data
         self.outputs_fn = outputs_fn
@@ -272,6 +278,8 @@ class ActivationProbe:
 
     def __call__(self):
         """The statistics now: `{layer_path: stats}` (see `layer_stats`), input to output."""
+        import keras
+
         if self.outputs_fn is not None:
             return self._call_fn()
         outputs = self._probe.predict_on_batch(self.data)
@@ -289,6 +297,8 @@ class ActivationProbe:
         return stats
 
     def _call_fn(self):
+        import keras
+
         result = self.outputs_fn(self.model, self.data)
         if not isinstance(result, dict):
             raise ValueError(
@@ -312,6 +322,8 @@ class ActivationProbe:
 
 def _is_graph(model):
     """Whether the model is Sequential or Functional (its layers' outputs are reachable)."""
+    import keras
+
     return isinstance(model, keras.Sequential) or type(model).__name__ == "Functional" or (
         isinstance(model, keras.Model) and isinstance(
             getattr(model, "outputs", None), (list, tuple)) and bool(model.outputs)
