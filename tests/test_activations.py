@@ -5,7 +5,7 @@ hand-computed derivatives, and from the plain-SGD identity ||dw|| = lr * ||g||.
 """
 
 import json
-import os
+import warnings
 
 import numpy as np
 import pytest
@@ -13,7 +13,7 @@ import keras
 from click.testing import CliRunner
 
 from keras_gradtools import GradientMonitor, GradNormLogger
-from keras_gradtools.activations import ActivationProbe, ActivationRecord, layer_stats
+from keras_gradtools.activations import ActivationProbe, layer_stats
 from keras_gradtools.cli import main
 from keras_gradtools.diagnose import (dead_units_rule, diagnose_norms, saturation_rule,
                                       update_ratio_rule, vanishing_cause)
@@ -379,8 +379,8 @@ def test_update_ratios_survive_runs_longer_than_the_ring_buffer():
     model = _sigmoid_relu_model()
     model.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy")
     logger = GradNormLogger(update_ratio=True, flush_every=4)  # a ring buffer of 7 rows
-    with __import__("warnings").catch_warnings():
-        __import__("warnings").simplefilter("error")  # no "overwritten before read"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "overwritten before read"
         model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[logger])
     ratios = np.stack([logger.update_ratios[k] for k in logger.keys], axis=1)
     assert logger.update_recorder.capacity == 7 and ratios.shape == (64, 3)
