@@ -192,6 +192,14 @@ def _finding_markers(ax, findings, colours=None):
                    label=f"{kind} (step {step})")
 
 
+def _lines_per_variable(ax, rows, keys):
+    """One line per variable over the steps, zeros left out (for a log axis)."""
+    steps = np.arange(len(rows))
+    for i, (label, colour) in enumerate(zip(short_names(keys), _layer_colours(len(keys)))):
+        series = np.where(rows[:, i] > 0, rows[:, i], np.nan)
+        ax.plot(steps, series, color=colour, linewidth=0.7, label=label)
+
+
 def grad_norms_over_steps(norms, keys, findings=None, epoch_end_steps=None,
                           title="Gradient norm per layer, every step", path=None):
     """Per-layer gradient norms over training steps, log scale, findings marked.
@@ -213,10 +221,7 @@ def grad_norms_over_steps(norms, keys, findings=None, epoch_end_steps=None,
     norms = np.asarray(norms, dtype=float)
     fig = Figure(figsize=(12, 5))
     ax = fig.subplots()
-    steps = np.arange(len(norms))
-    for i, (label, colour) in enumerate(zip(short_names(keys), _layer_colours(len(keys)))):
-        series = np.where(norms[:, i] > 0, norms[:, i], np.nan)
-        ax.plot(steps, series, color=colour, linewidth=0.7, label=label)
+    _lines_per_variable(ax, norms, keys)
     for end in epoch_end_steps or []:
         ax.axvline(end, color="0.85", linewidth=0.8, zorder=0)
     _finding_markers(ax, findings)
@@ -403,10 +408,7 @@ def update_ratios_over_steps(ratios, keys, band=(1e-5, 1e-1), healthy=1e-3,
     ratios = np.asarray(ratios, dtype=float).reshape(-1, len(keys))
     fig = Figure(figsize=(12, 5))
     ax = fig.subplots()
-    steps = np.arange(len(ratios))
-    for i, (label, colour) in enumerate(zip(short_names(keys), _layer_colours(len(keys)))):
-        series = np.where(ratios[:, i] > 0, ratios[:, i], np.nan)
-        ax.plot(steps, series, color=colour, linewidth=0.7, label=label)
+    _lines_per_variable(ax, ratios, keys)
     ax.axhspan(band[0], band[1], color="tab:green", alpha=0.08, label="healthy band")
     ax.axhline(healthy, color="tab:green", linestyle="--", linewidth=1.0,
                label=f"{healthy:g}")
