@@ -143,9 +143,8 @@ class GradNormLogger(keras.callbacks.Callback):
             weight ratio `||w_after - w_before|| / ||w_before||` of the update
             the optimizer applied (`update_ratios`), taken in the train
             step; it costs a copy of the recorded weights per step, so it is
-            off by default (docs/benchmarks.md has its measured cost). One
-            device or `keras.distribution` only, not several
-            `tf.distribute` replicas. Defaults to `False`.
+            off by default (docs/benchmarks.md has its measured cost).
+            Defaults to `False`.
 
     Example:
 
@@ -527,10 +526,6 @@ class GradNormLogger(keras.callbacks.Callback):
             )
         update_recorder = None
         if self.update_ratio:
-            if keras.backend.backend() == "tensorflow" and replicas > 1:
-                raise ValueError(
-                    "`update_ratio=True` records on one replica; under tf.distribute with "
-                    f"{replicas} replicas it is not supported. Received: update_ratio=True")
             update_recorder = GradNormRecorder(
                 self.model.trainable_variables,
                 include_biases=self.include_biases,

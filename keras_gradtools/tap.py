@@ -99,7 +99,7 @@ class GradientTap:
         update_recorders: `GradNormRecorder`s fed, per variable, the
             update-to-weight ratio `||w_after - w_before|| / ||w_before||`
             of the step the optimizer applied (NaN where `||w_before||` is
-            0; 0 on a skipped step). One replica only.
+            0; 0 on a skipped step).
     """
 
     def __init__(self, optimizer, strategy=None):
@@ -162,6 +162,10 @@ class GradientTap:
                 patches.append(internals.patch_non_finite_handler(
                     self.layout.loss_scale,
                     lambda original: functools.partial(self._skipped, original)))
+            if self.update_recorders:
+                patches.append(internals.patch_apply(
+                    self.apply_target,
+                    lambda original: functools.partial(self._apply_replica, original)))
         if clipper is not None and self.applied_recorders:
             hooks.append((clipper.add_applied_hook, clipper.remove_applied_hook,
                           self._record_applied))
@@ -221,6 +225,29 @@ class GradientTap:
             present = [(g, v) for g, v in zip(unscaled, variables) if g is not None]
             clipped = internals.keras_clip(self.layout.base, [g for g, _ in present])
             self._record_applied(clipped, [v for _, v in present])
+        return result
+
+    def _apply_replica(self, apply, grads, trainable_variables=None):
+        """Several replicas: the optimizer's `apply` in a replica, with the update it made.
+
+        The weights are read in the replica before and after `apply` (whose
+        update, made in a merge call, reaches every replica's copy): the
+        ratio is the update the all-reduced gradient made, the same on every
+        replica, written by this worker's first one. Under a loss-scale
+        optimizer a step that changed no recorded weight is recorded as
+        skipped.
+        """
+        if not self._recording_replica():
+            return apply(grads, trainable_variables)
+        before = [(recorder, update_snapshot(recorder.variables))
+                  for recorder in self.update_recorders]
+        result = apply(grads, trainable_variables)
+        for recorder, values in before:
+            ratios = update_ratios(values, recorder.variables)
+            skipped = None
+            if self.layout.loss_scale is not None:
+                skipped = ops.logical_not(ops.any(ops.greater(ratios, 0.0)))
+            recorder.write(ratios, skipped)
         return result
 
     def _stateless_skipped(self, handle_non_finite, optimizer_variables, trainable_variables):

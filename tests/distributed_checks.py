@@ -40,6 +40,15 @@ def _rel(a, b):
     return float(np.max(np.abs(a - b) / np.maximum(np.abs(a), 1e-30))) if a.size else 0.0
 
 
+def _rel_nan(a, b):
+    """`_rel` where both are finite; infinite if they differ in where they are NaN."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if not np.array_equal(np.isnan(a), np.isnan(b)):
+        return float("inf")
+    finite = ~np.isnan(a)
+    return _rel(a[finite], b[finite])
+
+
 def _weights_diff(m1, m2):
     return float(max(np.max(np.abs(p - q)) for p, q in zip(m1.get_weights(), m2.get_weights())))
 
@@ -87,7 +96,7 @@ def logger_scenario():
         def fit(model, x=x):
             logger = GradNormLogger(include_biases=True,
                                     probe_data=x[:16] if name == "mlp" else None,
-                                    activation_freq=4)
+                                    activation_freq=4, update_ratio=True)
             model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0,
                       callbacks=[logger])
             return logger
@@ -102,22 +111,18 @@ def logger_scenario():
                 [m1.history.history[f"grad_norm/{k}"] for k in l1.keys],
                 [m2.history.history[f"grad_norm/{k}"] for k in l2.keys]),
             "min_norm": float(np.min(l1.norms)),
+            # Update-to-weight ratios: taken in the first replica, of the summed update.
+            "ratio_keys_equal": list(l1.update_ratios) == list(l2.update_ratios) == l1.keys,
+            "ratio_steps": [len(l1.update_ratios[l1.keys[0]]), len(l2.update_ratios[l2.keys[0]])],
+            "ratio_max_rel": _rel_nan([l1.update_ratios[k] for k in l1.keys],
+                                      [l2.update_ratios[k] for k in l2.keys]),
+            "min_ratio": float(np.nanmin([l1.update_ratios[k] for k in l1.keys])),
         }
         if name == "mlp":  # activation probes: the same statistics as on one device
             stats = [[[entry[layer][f] for layer in entry for f in ("mean", "std", "gain")]
                       for entry in logger.activations.stats] for logger in (l1, l2)]
             out[name]["probe_steps"] = [l1.activations.steps, l2.activations.steps]
             out[name]["probe_max_rel"] = _rel(np.array(stats[0]), np.array(stats[1]))
-    # Update-to-weight ratios are one-replica only: refused before training.
-    with STRATEGY.scope():
-        model = _mlp()
-        model.compile("sgd", CE)
-    try:
-        model.fit(data["mlp"][1], y, epochs=1, verbose=0,
-                  callbacks=[GradNormLogger(update_ratio=True)])
-        out["update_ratio_refused"] = None
-    except ValueError as e:
-        out["update_ratio_refused"] = str(e)
     return out
 
 
@@ -289,7 +294,7 @@ def mixed_precision_scenario(samples=640):
                 keras.optimizers.SGD(0.1), initial_scale=2.0 ** 40), CE)
 
         def fit(model):
-            logger = GradNormLogger()
+            logger = GradNormLogger(update_ratio=True)
             monitor = GradientMonitor(logger, check_every=8, verbose=0)
             model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0,
                       callbacks=[logger, monitor])
@@ -308,16 +313,21 @@ def mixed_precision_scenario(samples=640):
                 "weights_finite": bool(all(np.isfinite(w).all() for w in model.get_weights())),
                 "report_skipped": monitor.report().skipped_steps,
                 "norms": norms.tolist(),
+                "ratio_skipped": [int(s) for s in np.flatnonzero(logger.update_recorder.skipped)],
+                "ratios_on_skipped": float(np.nanmax(np.abs(
+                    logger.update_recorder.norms[logger.update_recorder.skipped]), initial=0.0)),
+                "ratios": logger.update_recorder.norms.tolist(),
             }
 
         (_, r1), (_, r2) = _pair(build, compile_model, fit)
         both = np.setdiff1d(np.arange(min(r1["steps"], r2["steps"])),
                             r1["skipped"] + r2["skipped"])
         applied_rel = _rel(np.array(r1["norms"])[both], np.array(r2["norms"])[both])
+        ratio_rel = _rel_nan(np.array(r1["ratios"])[both], np.array(r2["ratios"])[both])
         for r in (r1, r2):
-            del r["norms"]
+            del r["norms"], r["ratios"]
         return {"single": r1, "mirrored": r2, "applied_rel": applied_rel,
-                "compared_steps": len(both)}
+                "ratio_rel": ratio_rel, "compared_steps": len(both)}
     finally:
         keras.mixed_precision.set_global_policy("float32")
 

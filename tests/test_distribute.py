@@ -54,10 +54,9 @@ def test_logger_records_the_all_reduced_gradient(results, model):
     if model == "mlp":
         assert r["probe_steps"] == [[0, 4, 8], [0, 4, 8]]
         assert r["probe_max_rel"] <= 1e-5
-
-
-def test_update_ratio_is_refused_with_several_replicas(results):
-    assert "not supported" in results["logger"]["update_ratio_refused"]
+    # The update-to-weight ratio of the summed update, as on one device.
+    assert r["ratio_keys_equal"] and r["ratio_steps"] == [12, 12]
+    assert r["ratio_max_rel"] <= 1e-4 and r["min_ratio"] > 1e-4
 
 
 def test_gradnorm_model_records_the_sum_not_a_share(results):
@@ -127,6 +126,9 @@ def test_mixed_precision_skipped_steps_are_recorded_not_judged(results):
     assert r["single"]["skipped"] == r["mirrored"]["skipped"]
     # float16 forward/backward: the mixed-precision tolerance.
     assert r["compared_steps"] > 40 and r["applied_rel"] <= 1e-2
+    for run in (r["single"], r["mirrored"]):  # update ratios: skipped steps moved nothing
+        assert run["ratio_skipped"] == run["skipped"] and run["ratios_on_skipped"] == 0.0
+    assert r["ratio_rel"] <= 1e-2
 
 
 def test_nonfinite_update_past_the_loss_scale_optimizer_is_caught(results):
