@@ -170,6 +170,13 @@ def _json_default(value):
 def build_case(case, optimizer=None):
     """Builds and compiles the model of a case (after seeding).
 
+    The model outputs logits and is trained with
+    `SparseCategoricalCrossentropy(from_logits=True)`: the article's softmax
+    and cross-entropy, computed as one stable log-softmax on every backend.
+    (On TensorFlow this is exactly what Keras does for a softmax output; on
+    JAX and PyTorch Keras would clip the probabilities to [1e-7, 1 - 1e-7],
+    and a saturated softmax would then pass back a gradient of exactly 0.)
+
     Args:
         case: a `Case`.
         optimizer: a Keras optimizer to use instead of the case's Adam.
@@ -178,11 +185,12 @@ def build_case(case, optimizer=None):
     Returns:
         The compiled model.
     """
-    model = _BUILDERS[case.model]()
+    model = _BUILDERS[case.model](classifier_activation=None)
     if optimizer is None:
         optimizer = keras.optimizers.Adam(**case.optimizer)
     model.compile(
-        optimizer=optimizer, loss="sparse_categorical_crossentropy",
+        optimizer=optimizer,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
     return model

@@ -22,7 +22,7 @@ def _check_positive_int(name, value):
 
 def _deep_mlp(
     name, num_layers, units, activation, kernel_initializer, batch_norm,
-    input_dim, num_classes,
+    input_dim, num_classes, classifier_activation,
 ):
     _check_positive_int("num_layers", num_layers)
     _check_positive_int("units", units)
@@ -43,7 +43,9 @@ def _deep_mlp(
             model.add(keras.layers.BatchNormalization(name=f"bn_{i}"))
             model.add(keras.layers.Activation(activation, name=f"act_{i}"))
     model.add(
-        keras.layers.Dense(num_classes, activation="softmax", name="output")
+        keras.layers.Dense(
+            num_classes, activation=classifier_activation, name="output"
+        )
     )
     return model
 
@@ -56,6 +58,7 @@ def create_deep_sigmoid_model(
     batch_norm=False,
     input_dim=784,
     num_classes=10,
+    classifier_activation="softmax",
 ):
     """Builds the article's deep sigmoid MLP, where gradients vanish.
 
@@ -80,6 +83,9 @@ def create_deep_sigmoid_model(
             to `False`.
         input_dim: input features. Defaults to `784`.
         num_classes: output classes. Defaults to `10`.
+        classifier_activation: the output layer's activation; `None` gives
+            logits (train them with `from_logits=True`). Defaults to
+            `"softmax"`.
 
     Returns:
         An uncompiled `keras.Sequential`.
@@ -94,7 +100,7 @@ def create_deep_sigmoid_model(
     """
     return _deep_mlp(
         "deep_sigmoid", num_layers, units, activation, kernel_initializer,
-        batch_norm, input_dim, num_classes,
+        batch_norm, input_dim, num_classes, classifier_activation,
     )
 
 
@@ -106,6 +112,7 @@ def create_deep_linear_model(
     batch_norm=False,
     input_dim=784,
     num_classes=10,
+    classifier_activation="softmax",
 ):
     """Builds the article's deep linear MLP, where gradients explode.
 
@@ -124,6 +131,9 @@ def create_deep_linear_model(
             to `False`.
         input_dim: input features. Defaults to `784`.
         num_classes: output classes. Defaults to `10`.
+        classifier_activation: the output layer's activation; `None` gives
+            logits (train them with `from_logits=True`). Defaults to
+            `"softmax"`.
 
     Returns:
         An uncompiled `keras.Sequential`.
@@ -138,7 +148,7 @@ def create_deep_linear_model(
     """
     return _deep_mlp(
         "deep_linear", num_layers, units, activation, kernel_initializer,
-        batch_norm, input_dim, num_classes,
+        batch_norm, input_dim, num_classes, classifier_activation,
     )
 
 
@@ -279,15 +289,16 @@ def resnet_model(
     strides=(1, 1, 2, 1, 2, 1),
     activation="relu",
     batch_norm=True,
+    classifier_activation="softmax",
 ):
     """Builds the article's ResNet for MNIST: the fix for vanishing gradients.
 
     A 7x7/2 convolution stem (64 filters, He normal) with batch
     normalization and ReLU, a 3x3/2 max-pool, then one `ResNetBlock` per
     entry of `filters` (3x3 kernels, the matching `strides`), then flatten
-    and a softmax classifier. With its defaults: blocks 64, 64, 128/2, 128,
-    256/2, 256 on 28x28x1 inputs, 2,791,946 parameters (3,712 of them
-    batch-norm moving statistics).
+    and a classifier (softmax by default). With its defaults: blocks 64, 64,
+    128/2, 128, 256/2, 256 on 28x28x1 inputs, 2,791,946 parameters (3,712
+    of them batch-norm moving statistics).
 
     Args:
         input_shape: image shape. Defaults to `(28, 28, 1)`.
@@ -300,6 +311,9 @@ def resnet_model(
             `"relu"`.
         batch_norm: batch normalization in the stem and blocks. Defaults to
             `True`.
+        classifier_activation: the output layer's activation; `None` gives
+            logits (train them with `from_logits=True`). Defaults to
+            `"softmax"`.
 
     Returns:
         An uncompiled functional `keras.Model` named `resnet`.
@@ -334,5 +348,7 @@ def resnet_model(
             batch_norm=batch_norm, name=f"block_{i}",
         )(x)
     x = keras.layers.Flatten(name="flatten")(x)
-    outputs = keras.layers.Dense(num_classes, activation="softmax", name="output")(x)
+    outputs = keras.layers.Dense(
+        num_classes, activation=classifier_activation, name="output"
+    )(x)
     return keras.Model(inputs, outputs, name="resnet")

@@ -110,3 +110,39 @@ def test_bad_block_arguments_are_named():
         models.ResNetBlock(8, 3)(np.zeros((2, 8, 3), "float32"))
     with pytest.raises(ValueError, match=r"filters.*strides"):
         models.resnet_model(filters=(8,), strides=(1, 2))
+
+
+@pytest.mark.parametrize("builder, shape", [
+    (models.create_deep_sigmoid_model, (784,)),
+    (models.create_deep_linear_model, (784,)),
+    (models.resnet_model, (28, 28, 1)),
+])
+def test_classifier_activation_none_gives_the_logits_of_the_softmax_model(builder, shape):
+    keras.utils.set_random_seed(0)
+    softmax = builder()
+    logits = builder(classifier_activation=None)
+    logits.set_weights(softmax.get_weights())
+    x = np.random.default_rng(0).normal(size=(4, *shape)).astype("float32")
+    z = keras.ops.convert_to_numpy(logits(x, training=False))
+    p = np.exp(z - z.max(-1, keepdims=True))
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(softmax(x, training=False)),
+                               p / p.sum(-1, keepdims=True), rtol=1e-5, atol=1e-7)
+
+
+def test_case_loss_is_the_log_softmax_cross_entropy_also_where_the_softmax_saturates():
+    """The article's cases train on logits: no probability clipping, on any backend."""
+    from keras_gradtools.experiments import build_case, get_case
+
+    keras.utils.set_random_seed(0)
+    model = build_case(get_case("exploding"))
+    out = model.get_layer("output")
+    kernel, bias = (keras.ops.convert_to_numpy(w) for w in out.weights)
+    out.kernel.assign(kernel * 1e3)  # logits of order 1e3: softmax is 0 or 1 in float32
+    x = np.random.default_rng(1).normal(size=(8, 784)).astype("float32")
+    y = np.arange(8) % 10
+    z = keras.ops.convert_to_numpy(model(x, training=False)).astype("float64")
+    shifted = z - z.max(-1, keepdims=True)
+    expected = np.mean(np.log(np.exp(shifted).sum(-1)) - shifted[np.arange(8), y])
+    assert expected > 100  # far beyond -log(1e-7) = 16.1, where clipped probabilities stop
+    loss = keras.ops.convert_to_numpy(model.compute_loss(x, y, model(x)))
+    np.testing.assert_allclose(loss, expected, rtol=1e-4)
