@@ -163,6 +163,13 @@ ALL_RUNS = ([f"resnet-s{i}" for i in range(3)] + [f"clipped-s{i}" for i in range
             + [f"exploding-s{i}" for i in range(5)] + ["nan", "dead_relu", "lr_high"])
 
 
+def _known(name):
+    """A run of ALL_RUNS, or one of their models with another seed: `<run>-s<N>`."""
+    base, sep, seed = name.partition("-s")
+    bases = {n.partition("-s")[0] for n in ALL_RUNS}
+    return base in bases and (not sep or seed.isdigit())
+
+
 def train(name, scale, resnet_epochs, out):
     """Trains one labelled run and keeps its recording in `out/name`."""
     import keras
@@ -344,7 +351,8 @@ def table(rows):
 @click.option("--out", default="corpus", show_default=True, type=click.Path(),
               help="The corpus directory to train into (each run a directory of its own).")
 @click.option("--runs", default=",".join(ALL_RUNS), show_default=True,
-              help="Comma-separated runs to train.")
+              help="Comma-separated runs to train; `<run>-s<N>` trains a run's model with "
+                   "seed N (e.g. exploding-s7, lstm-s1: held-out runs).")
 @click.option("--scale", type=click.Choice(["full", "small"]), default="full", show_default=True)
 @click.option("--resnet-epochs", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--rejudge", type=click.Path(exists=True, file_okay=False), default=None,
@@ -369,10 +377,11 @@ def main(out, runs, scale, resnet_epochs, rejudge, show_spike):
                     click.echo(f"{n}: {json.dumps(found)}")
     else:
         names = [n.strip() for n in runs.split(",") if n.strip()]
-        unknown = [n for n in names if n not in ALL_RUNS]
+        unknown = [n for n in names if not _known(n)]
         if unknown:
             raise click.BadParameter(f"unknown run(s) {', '.join(unknown)}; the runs are "
-                                     f"{', '.join(ALL_RUNS)}", param_hint="--runs")
+                                     f"{', '.join(ALL_RUNS)} (any of them with another "
+                                     "seed: -s<N>)", param_hint="--runs")
         taken = [n for n in names if os.path.exists(os.path.join(out, n))]
         if taken:
             raise click.UsageError(f"{out} already holds {', '.join(taken)}: choose another "
