@@ -1,7 +1,11 @@
 """The article's deep linear MLP for one epoch of 6,400 samples with plain `fit()`, no callback
-of ours: Adam(1e-3) with and without `clipnorm=1.0`, the running loss every 20 steps.
+of ours: Adam(1e-3) with and without `clipnorm=1.0`, the running loss every 20 steps, once with a
+softmax output and `sparse_categorical_crossentropy`, once with logits and `from_logits=True` (how
+`gradtools reproduce` trains the cases).
 
-Shows what Keras itself does on each backend (docs/reproduction.md): run it once per backend,
+Shows what Keras itself does on each backend (docs/reproduction.md): on TensorFlow both give the
+same losses (Keras takes the softmax's logits); on JAX and PyTorch Keras clips the softmax's
+probabilities, and a saturated softmax stops the clipped run. Run it once per backend,
 
     KERAS_BACKEND=tensorflow python scripts/check_clipped_case.py
     KERAS_BACKEND=jax python scripts/check_clipped_case.py
@@ -27,14 +31,17 @@ class _Loss(keras.callbacks.Callback):
 def main():
     (x, y), _ = load_mnist(flatten=True, subset=6400)
     print(f"keras {keras.__version__} on {keras.backend.backend()}, seed 0")
-    for extra in ({}, {"clipnorm": 1.0}):
-        keras.utils.set_random_seed(0)
-        model = create_deep_linear_model()
-        model.compile(optimizer=keras.optimizers.Adam(1e-3, **extra),
-                      loss="sparse_categorical_crossentropy")
-        print(f"Adam(1e-3{', clipnorm=1.0' if extra else ''}): step:running loss ", end="")
-        model.fit(x, y, batch_size=32, epochs=1, verbose=0, shuffle=False, callbacks=[_Loss()])
-        print()
+    for logits in (False, True):
+        for extra in ({}, {"clipnorm": 1.0}):
+            keras.utils.set_random_seed(0)
+            model = create_deep_linear_model(classifier_activation=None if logits else "softmax")
+            model.compile(optimizer=keras.optimizers.Adam(1e-3, **extra),
+                          loss=keras.losses.SparseCategoricalCrossentropy(from_logits=logits))
+            print(f"{'logits' if logits else 'softmax'}, Adam(1e-3"
+                  f"{', clipnorm=1.0' if extra else ''}): step:running loss ", end="")
+            model.fit(x, y, batch_size=32, epochs=1, verbose=0, shuffle=False,
+                      callbacks=[_Loss()])
+            print()
 
 
 if __name__ == "__main__":
