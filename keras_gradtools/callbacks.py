@@ -491,7 +491,6 @@ class GradNormLogger(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         tap.check_backend()
         self.is_chief = True
-        replicas = 1
         if keras.backend.backend() == "tensorflow":
             strategy = (getattr(self.model, "distribute_strategy", None)
                         or tf.distribute.get_strategy())
