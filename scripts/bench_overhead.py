@@ -14,10 +14,17 @@ samples) relative to one epoch of training.
 Candidates: the logger alone, with the monitor, with TensorBoard scalars
 (default `update_freq`), with histograms every 100 steps, with activation
 probes (64 samples of the training data, every 200 steps (the default) and
-every 50), with update-to-weight ratios, and each clipping preset (its own
-model, same weights, against plain Adam). The probes run at batch begin
+every 50), with update-to-weight ratios, with all that `gradtools reproduce`
+attaches (probe, update ratios and the monitor: `reproduce`), and each
+clipping preset (its own model, same weights, against plain Adam). The
+probes run at batch begin
 from the first step on: measure them over runs several times
 `activation_freq` long (`--steps 1000`).
+
+`--cases vanishing,exploding,clipped,resnet` (or `all`) times the article's
+cases too: each case's model and batch size, plain fit() (which gives the
+case's step time) against the logger and against `reproduce`'s callbacks.
+`--models ""` skips the two benchmark models.
 
 `--jit-compile true` compiles every model (baseline included) with XLA.
 `--strategy mirrored` runs everything under `tf.distribute.MirroredStrategy`
@@ -121,8 +128,8 @@ def _probed(**kwargs):
     return [GradNormLogger(probe_data=_PROBE["x"], **kwargs)]
 
 
-def _monitored():
-    logger = GradNormLogger()
+def _monitored(**kwargs):
+    logger = GradNormLogger(**kwargs)
     return [logger, GradientMonitor(logger, verbose=0)]
 
 
@@ -135,6 +142,8 @@ CANDIDATES = {
     "logger+probe": (_probed, None),  # 64 samples every 200 steps (the default)
     "logger+probe50": (lambda: _probed(activation_freq=50), None),
     "logger+update_ratio": (lambda: [GradNormLogger(update_ratio=True)], None),
+    # What `gradtools reproduce` attaches: probe, update ratios and the monitor.
+    "reproduce": (lambda: _monitored(probe_data=_PROBE["x"], update_ratio=True), None),
     "clip=value": (lambda: [], lambda: clipped_optimizer("adam", 1e-3, clip="value")),
     "clip=norm": (lambda: [], lambda: clipped_optimizer("adam", 1e-3, clip="norm")),
     "clip=global_norm": (lambda: [], lambda: clipped_optimizer("adam", 1e-3, clip="global_norm")),
@@ -169,18 +178,41 @@ def _time_fit(model, x, y, batch_size, callbacks):
 def bench_model(name, steps, reps, candidates):
     build, flatten, batch_size = MODELS[name]
     (x, y), _ = load_mnist(flatten=flatten, subset=steps * batch_size)
+
+    def make(optimizer=None):
+        keras.utils.set_random_seed(0)
+        with _scope():
+            return _compile(build(), optimizer)
+
+    _interleave(name, make, x, y, batch_size, steps, reps, candidates)
+
+
+def bench_case(name, steps, reps):
+    """One article case: plain fit against the logger and against what `reproduce` attaches."""
+    from keras_gradtools.experiments import build_case
+    from keras_gradtools.experiments import get_case
+
+    case = get_case(name)
+    (x, y), _ = load_mnist(flatten=not case.image_input, subset=steps * case.batch_size)
+
+    def make(optimizer=None):
+        keras.utils.set_random_seed(case.seed)
+        return build_case(case, optimizer)
+
+    _interleave(f"case {name}", make, x, y, case.batch_size, steps, reps,
+                ["logger", "reproduce"])
+
+
+def _interleave(name, make, x, y, batch_size, steps, reps, candidates):
+    """Times `candidates` against plain fit() of `make()`'s model, interleaved; prints them."""
     _PROBE["x"] = x[:64]
-    keras.utils.set_random_seed(0)
-    with _scope():
-        model = _compile(build())
+    model = make()
     _time_fit(model, x, y, batch_size, [])  # warm-up: trace the plain function
     own = {}  # candidates with an optimizer of their own train their own model
     for c in candidates:
         make_optimizer = CANDIDATES[c][1]
         if make_optimizer is not None:
-            keras.utils.set_random_seed(0)
-            with _scope():
-                own[c] = _compile(build(), make_optimizer())
+            own[c] = make(make_optimizer())
             _time_fit(own[c], x, y, batch_size, [])
     # Every candidate run sits between two plain runs and is divided by
     # their mean, so that a drift of the machine's speed (which moves step
@@ -211,7 +243,6 @@ def bench_model(name, steps, reps, candidates):
             f"  {c:<28} {statistics.median(times[c]) * 1e3:8.2f} "
             f"{statistics.median(ratios[c]):8.3f} {min(ratios[c]):7.3f} {max(ratios[c]):7.3f}"
         )
-    return model
 
 
 def bench_probe(samples):
@@ -253,6 +284,10 @@ def _choices(value, known, what, option):
               help="Training steps per timed run.")
 @click.option("--reps", default=5, show_default=True, type=click.IntRange(min=1),
               help="Interleaved repetitions.")
+@click.option("--cases", "case_names", default="", show_default=True,
+              help="Comma-separated article cases (vanishing, exploding, clipped, resnet) or "
+                   "all: each case's model at its own batch size, plain fit() against the "
+                   "logger and against the callbacks `gradtools reproduce` attaches.")
 @click.option("--probe-samples", default=60000, show_default=True,
               type=click.IntRange(min=0), help="0 skips the probe benchmark.")
 @click.option("--strategy", type=click.Choice(["none", "mirrored"]), default="none",
@@ -264,7 +299,8 @@ def _choices(value, known, what, option):
                    "Keras' choice, no XLA on CPU for TensorFlow).")
 @click.option("--backend", type=click.Choice(["tensorflow", "jax", "torch"]), default=None,
               help="The Keras backend (default: KERAS_BACKEND, else tensorflow).")
-def main(model_names, candidates, steps, reps, probe_samples, strategy, jit_compile, backend):
+def main(model_names, candidates, case_names, steps, reps, probe_samples, strategy, jit_compile,
+         backend):
     """Per-step overhead of keras_gradtools against plain fit(), interleaved."""
     global STRATEGY, JIT_COMPILE
     JIT_COMPILE = {"auto": "auto", "true": True, "false": False}[jit_compile]
@@ -276,6 +312,10 @@ def main(model_names, candidates, steps, reps, probe_samples, strategy, jit_comp
             f"--strategy and --jit-compile are TensorFlow options; received them on {running!r}")
     names = _choices(model_names, MODELS, "model", "--models")
     chosen = _choices(candidates, CANDIDATES, "candidate", "--candidates")
+    from keras_gradtools.cases import CASES
+
+    cases = _choices(",".join(CASES) if case_names == "all" else case_names, CASES, "case",
+                     "--cases")
     if strategy == "mirrored":
         import tensorflow as tf
 
@@ -291,6 +331,8 @@ def main(model_names, candidates, steps, reps, probe_samples, strategy, jit_comp
     click.echo(f"keras {keras.__version__} on {running}, device: {device_name()}")
     for name in names:
         bench_model(name, steps, reps, chosen)
+    for name in cases:
+        bench_case(name, steps, reps)
     if probe_samples:
         bench_probe(probe_samples)
 

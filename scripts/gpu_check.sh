@@ -1,25 +1,78 @@
 #!/usr/bin/env bash
-# The GPU measurements of docs/benchmarks.md, in one run of under 10 minutes, for a machine with
-# JAX and PyTorch (CUDA) but no TensorFlow: keras_gradtools needs none on those backends.
+# The GPU measurements of docs/benchmarks.md in one run that ends within a time budget, for a
+# machine with JAX and PyTorch (CUDA) but no TensorFlow: keras_gradtools needs none on those
+# backends.
 #
 #   bash scripts/gpu_check.sh [OUT_DIR]
 #
-# For each of JAX and PyTorch: the logger's overhead against plain fit() on the deep MLP and the
-# small CNN (interleaved in one process, see scripts/bench_overhead.py), each clipping preset
-# against plain Adam, and the wall time of one reduced epoch of each article case (6,400 samples,
-# 200 steps, the first step's compilation included). Prints everything and keeps it in OUT_DIR.
+# For each of JAX and PyTorch (scripts/bench_overhead.py, every figure a ratio to plain fit()
+# interleaved in one process): the logger's overhead on the deep MLP and the small CNN; the step
+# time of the four article cases (their own models and batch sizes), plain and with the logger and
+# with what `gradtools reproduce` attaches; each clipping preset against plain Adam. Between them,
+# tests/test_backends.py on the GPU (less its reduced-scale article runs). Prints
+# everything and keeps each section's output in OUT_DIR (default $OUT, else gpu-results).
+#
+# BUDGET_S (default 520): the whole run's seconds; a section is cut short where it would pass them
+# and skipped once fewer than 20 are left. QUICK=1: a few steps each, to check the script itself.
+# PYTHON (default python3): the interpreter.
 set -uo pipefail
 out=${1:-${OUT:-gpu-results}}
+py=${PYTHON:-python3}
+budget=${BUDGET_S:-520}
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3
-python -c "import keras_gradtools" 2>/dev/null || export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee "$out/gpu.txt"
+export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3 XLA_PYTHON_CLIENT_PREALLOCATE=false
+"$py" -c "import keras_gradtools" 2>/dev/null || export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+if [[ ${QUICK:-0} == 1 ]]; then
+    long="--steps 20 --reps 1" short="--steps 20 --reps 1"
+else
+    long="--steps 300 --reps 5" short="--steps 150 --reps 3"
+fi
+start=$SECONDS
 status=0
+
+section() {  # section NAME SECONDS COMMAND...: COMMAND for at most SECONDS, within the budget
+    local name=$1 limit=$2 began=$SECONDS rc
+    shift 2
+    local left=$((budget - (SECONDS - start)))
+    ((left < limit)) && limit=$left
+    if ((limit < 20)); then
+        echo "== $name: skipped, the budget is spent" | tee -a "$out/summary.txt"
+        status=1
+        return
+    fi
+    echo "== $name (at most $limit s): $*"
+    timeout "$limit" "$@" 2>&1 | tee "$out/$name.txt"
+    rc=${PIPESTATUS[0]}
+    echo "== $name: exit $rc after $((SECONDS - began)) s" | tee -a "$out/summary.txt"
+    ((rc == 0)) || status=1
+}
+
+{
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+    KERAS_BACKEND=jax "$py" -c 'import sys, jax, torch, keras
+print("python", sys.version.split()[0], "| keras", keras.__version__, "| jax", jax.__version__,
+      jax.devices(), "| torch", torch.__version__, "cuda", torch.cuda.is_available())'
+} 2>&1 | tee "$out/gpu.txt"
+
+bench=("$py" scripts/bench_overhead.py --probe-samples 0)
+clips=clip=value,clip=norm,clip=global_norm,clip=agc,clip=autoclip,clip=zclip
+# Most wanted first: a section cut short by the budget loses the least.
 for backend in jax torch; do
-    python scripts/bench_overhead.py --backend "$backend" --models deep_linear,small_cnn \
-        --candidates logger,clip=value,clip=norm,clip=global_norm,clip=agc,clip=autoclip,clip=zclip \
-        --steps 300 --reps 5 --probe-samples 0 2>&1 | tee "$out/overhead_$backend.txt" || status=1
-    python -m keras_gradtools.cli --backend "$backend" reproduce --case all --subset 6400 \
-        --epochs 1 --out "$out/runs_$backend" --quiet 2>&1 | tee "$out/cases_$backend.txt" || status=1
+    section "overhead_$backend" 100 "${bench[@]}" --backend "$backend" $long \
+        --models deep_linear,small_cnn --candidates logger
 done
+# The same numbers on the GPU: tests/test_backends.py (each recorded step against jax.grad and
+# torch autograd, the clipping presets against NumPy, ...), all but its reduced-scale article runs.
+section numbers 150 env KERAS_BACKEND=jax "$py" -m pytest -q -p no:cacheprovider \
+    tests/test_backends.py -k "not article_cases"
+for backend in jax torch; do
+    section "cases_$backend" 110 "${bench[@]}" --backend "$backend" $short \
+        --models "" --cases all
+done
+for backend in jax torch; do
+    section "clipping_$backend" 150 "${bench[@]}" --backend "$backend" $short \
+        --models deep_linear,small_cnn --candidates "$clips"
+done
+echo "total $((SECONDS - start)) s" | tee -a "$out/summary.txt"
 exit $status
