@@ -14,6 +14,7 @@ import os
 import sys
 
 os.environ["KERAS_BACKEND"] = "jax"
+os.environ["JAX_PLATFORMS"] = "cpu"  # the host's devices, also where a GPU is visible
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=2").strip()
 sys.modules["tensorflow"] = None  # nothing here may need TensorFlow
