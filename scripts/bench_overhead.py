@@ -17,9 +17,8 @@ probes (64 samples of the training data, every 200 steps (the default) and
 every 50), with update-to-weight ratios, with all that `gradtools reproduce`
 attaches (probe, update ratios and the monitor: `reproduce`), and each
 clipping preset (its own model, same weights, against plain Adam). The
-probes run at batch begin
-from the first step on: measure them over runs several times
-`activation_freq` long (`--steps 1000`).
+probes run at batch begin from the first step on: measure them over runs
+several times `activation_freq` long (`--steps 1000`).
 
 `--cases vanishing,exploding,clipped,resnet` (or `all`) times the article's
 cases too: each case's model and batch size, plain fit() (which gives the
@@ -197,7 +196,8 @@ def bench_case(name, steps, reps):
 
     def make(optimizer=None):
         keras.utils.set_random_seed(case.seed)
-        return build_case(case, optimizer)
+        with _scope():
+            return build_case(case, optimizer)
 
     _interleave(f"case {name}", make, x, y, case.batch_size, steps, reps,
                 ["logger", "reproduce"])
@@ -277,7 +277,7 @@ def _choices(value, known, what, option):
 
 @click.command()
 @click.option("--models", "model_names", default="deep_linear,small_cnn",
-              show_default=True, help="Comma-separated: deep_linear, small_cnn.")
+              show_default=True, help="Comma-separated: deep_linear, small_cnn (empty: neither).")
 @click.option("--candidates", default=",".join(CANDIDATES), show_default=True,
               help=f"Comma-separated: {', '.join(CANDIDATES)}.")
 @click.option("--steps", default=300, show_default=True, type=click.IntRange(min=20),
