@@ -25,11 +25,13 @@ export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3 XLA_PYTHON_CLIENT_PREALLOCATE=f
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 if [[ ${QUICK:-0} == 1 ]]; then
-    long="--steps 20 --reps 1" short_jax="--steps 20 --reps 1" short_torch=$short_jax
+    long="--steps 20 --reps 1"
+    declare -A short=([jax]="--steps 20 --reps 1" [torch]="--steps 20 --reps 1")
 else
     # PyTorch's eager steps took 6-10 ms on an H100 (JAX's 1-3 ms): fewer of them, so that the
     # whole run fits the budget (on 2026-11-26, 150 x 3 cut its cases and clipping sections short).
-    long="--steps 300 --reps 5" short_jax="--steps 150 --reps 3" short_torch="--steps 80 --reps 2"
+    long="--steps 300 --reps 5"
+    declare -A short=([jax]="--steps 150 --reps 3" [torch]="--steps 80 --reps 2")
 fi
 start=$SECONDS
 status=0
@@ -70,13 +72,11 @@ done
 section numbers 150 env KERAS_BACKEND=jax "$py" -m pytest -q -p no:cacheprovider \
     tests/test_backends.py -k "not article_cases"
 for backend in jax torch; do
-    short=short_$backend
-    section "cases_$backend" 110 "${bench[@]}" --backend "$backend" ${!short} \
+    section "cases_$backend" 110 "${bench[@]}" --backend "$backend" ${short[$backend]} \
         --models "" --cases all
 done
 for backend in jax torch; do
-    short=short_$backend
-    section "clipping_$backend" 150 "${bench[@]}" --backend "$backend" ${!short} \
+    section "clipping_$backend" 150 "${bench[@]}" --backend "$backend" ${short[$backend]} \
         --models deep_linear,small_cnn --candidates "$clips"
 done
 echo "total $((SECONDS - start)) s" | tee -a "$out/summary.txt"
