@@ -718,7 +718,6 @@ DEFAULT_ACTIONS = {
     "dead_units": "warn",
     "update_ratio": "warn",
     "nonfinite": "stop",
-    "clipped_spike": "ignore",
 }
 
 
@@ -743,8 +742,9 @@ class GradientMonitor(keras.callbacks.Callback):
     as usual); `"raise"` raises `GradientProblemError` carrying the finding;
     `"ignore"` only keeps it in the report. Defaults: warn for `vanishing`,
     `exploding`, `dead_layer`, `saturation`, `dead_units` and
-    `update_ratio`, stop for `nonfinite`, ignore for `clipped_spike` (a
-    spike that the optimizer's clipping absorbed).
+    `update_ratio`, stop for `nonfinite`. A spike that the optimizer's
+    clipping absorbed is no finding: the report lists it among its
+    `absorbed_spikes`.
 
     With activation statistics (`probe_data`, here or on the logger) the
     monitor also judges the activations (`saturation`, `dead_units`) and a
@@ -814,6 +814,12 @@ class GradientMonitor(keras.callbacks.Callback):
             )
         actions = dict(actions or {})
         for kind, action in actions.items():
+            if kind == "clipped_spike":
+                raise ValueError(
+                    "`clipped_spike` is no finding kind any more: a spike that the "
+                    "optimizer's clipping absorbed is listed in `report().absorbed_spikes`, "
+                    f"with no action. Received: actions={actions!r}"
+                )
             if kind not in diagnose.KINDS:
                 raise ValueError(
                     f"Unknown finding kind in `actions`; the kinds are "

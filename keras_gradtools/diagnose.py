@@ -20,8 +20,10 @@ Rules and their defaults:
   `warmup` (100) steps, confirmed when the norm is that high again in
   `confirm` (3) of the `confirm_window` (10) steps from the spike on; or a
   global norm above the absolute `ceiling` (1e6). It names the layers that
-  spiked with it (`layer_zscore`, 5.0, against their own history). When the optimizer clips, spikes are reported as
-  `clipped_spike` (absorbed by the clipping), not `exploding`.
+  spiked with it (`layer_zscore`, 5.0, against their own history). When the
+  optimizer clips, a spike below the ceiling is the clipping at work, not a
+  finding: the report lists it among `absorbed_spikes`, as it counts the
+  steps a loss-scale optimizer skipped.
 - `nonfinite_rule`: any NaN or Inf norm, naming the first variable from the
   input side.
 - `dead_layer_rule`: a variable whose gradient is exactly zero for
@@ -60,9 +62,7 @@ import json
 import numpy as np
 
 KINDS = ("nonfinite", "exploding", "vanishing", "dead_layer", "saturation", "dead_units",
-         "update_ratio", "clipped_spike")
-FAILURE_KINDS = ("nonfinite", "exploding", "vanishing", "dead_layer", "saturation",
-                 "dead_units", "update_ratio")
+         "update_ratio")
 
 DEFAULTS = {
     "nonfinite": {"max_skipped": 10, "max_initial_skipped": 64},
@@ -83,8 +83,8 @@ class Finding:
     """One problem found in the gradient norms.
 
     Attributes:
-        kind: `vanishing`, `exploding`, `nonfinite`, `dead_layer` or
-            `clipped_spike`.
+        kind: one of `KINDS`: `nonfinite`, `exploding`, `vanishing`,
+            `dead_layer`, `saturation`, `dead_units` or `update_ratio`.
         step: the first step (0-based, from the start of `fit()`) at which
             the condition held.
         detected_step: the step at which the rule could tell.
@@ -127,12 +127,24 @@ class Report:
 
     `str(report)` is the text a person reads, one paragraph per finding;
     `report.to_dict()` / `report.to_json()` the machine-readable form.
+
+    Attributes:
+        findings: the `Finding`s, first step first. Every one is a problem.
+        steps: the steps judged.
+        keys: the variables' keys, input to output.
+        skipped_steps: steps a loss-scale optimizer skipped (its normal
+            working, not judged).
+        absorbed_spikes: spikes of the global norm that the optimizer's
+            clipping absorbed (its normal working, not findings): dicts with
+            `step`, `detected_step`, `norm`, `recent_level`, `jump`,
+            `clipping` (and `epoch` when known), first step first.
     """
 
     findings: list
     steps: int = 0
     keys: list = dataclasses.field(default_factory=list)
     skipped_steps: int = 0
+    absorbed_spikes: list = dataclasses.field(default_factory=list)
 
     def kinds(self):
         """The set of kinds found."""
@@ -149,8 +161,9 @@ class Report:
         return {
             "steps": int(self.steps),
             "keys": list(self.keys),
-            "healthy": not any(f.kind in FAILURE_KINDS for f in self.findings),
+            "healthy": not self.findings,
             "skipped_steps": int(self.skipped_steps),
+            "absorbed_spikes": _jsonable(list(self.absorbed_spikes)),
             "findings": [f.to_dict() for f in self.findings],
         }
 
@@ -159,23 +172,46 @@ class Report:
 
     @classmethod
     def from_dict(cls, data):
-        return cls(
-            findings=[Finding.from_dict(f) for f in data.get("findings", [])],
-            steps=data.get("steps", 0), keys=data.get("keys", []),
-            skipped_steps=data.get("skipped_steps", 0),
-        )
+        findings, absorbed = [], list(data.get("absorbed_spikes", []))
+        for f in data.get("findings", []):
+            if f.get("kind") == "clipped_spike":  # how older reports listed them
+                evidence = f.get("evidence", {})
+                absorbed.append({"step": f["step"], "detected_step": f["detected_step"],
+                                 **{k: evidence.get(k) for k in
+                                    ("norm", "recent_level", "jump", "clipping")},
+                                 **({"epoch": f["epoch"]} if f.get("epoch") else {})})
+            else:
+                findings.append(Finding.from_dict(f))
+        return cls(findings=findings, steps=data.get("steps", 0), keys=data.get("keys", []),
+                   skipped_steps=data.get("skipped_steps", 0),
+                   absorbed_spikes=sorted(absorbed, key=lambda a: a["step"]))
 
     def __str__(self):
-        head = f"Gradient report over {self.steps} steps, {len(self.keys)} variables: "
+        notes = []
         if self.skipped_steps:
-            head = (f"Gradient report over {self.steps} steps ({self.skipped_steps} skipped by "
-                    f"the loss-scale optimizer, not judged), {len(self.keys)} variables: ")
+            notes.append(f"{self.skipped_steps} skipped by the loss-scale optimizer, not judged")
+        head = f"Gradient report over {self.steps} steps"
+        head += f" ({'; '.join(notes)})" if notes else ""
+        head += f", {len(self.keys)} variables: "
         if not self.findings:
-            return head + "no vanishing, exploding or non-finite gradients found."
-        failures = [f for f in self.findings if f.kind in FAILURE_KINDS]
-        head += (f"{len(failures)} problem(s) found." if failures
-                 else "healthy; notes below.")
+            head += "no vanishing, exploding or non-finite gradients found."
+        else:
+            head += f"{len(self.findings)} problem(s) found."
+        if self.absorbed_spikes:
+            first = self.absorbed_spikes[0]
+            where = ", ".join(str(a["step"]) for a in self.absorbed_spikes[:5])
+            where += ", ..." if len(self.absorbed_spikes) > 5 else ""
+            head += (f"\nThe optimizer's clipping ({first.get('clipping')}) absorbed "
+                     f"{len(self.absorbed_spikes)} spike(s) of the global norm, at step(s) "
+                     f"{where} (the first {_num(first.get('jump'))}x its recent level); "
+                     "nothing to do while the loss keeps falling.")
+        if not self.findings:
+            return head
         return head + "\n\n" + "\n\n".join(str(f) for f in self.findings)
+
+
+def _num(value):
+    return f"{value:.3g}" if isinstance(value, (int, float)) else str(value)
 
 
 def _jsonable(value):
@@ -291,19 +327,24 @@ def _vanishing_fixes(layers, judged, facts):
     return fixes
 
 
-def _exploding_fixes(level, facts):
-    """The exploding finding's fixes, chosen from the model when its facts are known."""
-    clip = ("Clip gradients: `keras.optimizers.Adam(learning_rate=1e-3, clipnorm=1.0)` (per "
-            "variable) or `global_clipnorm=1.0`; the article's fix. Pick the threshold near "
-            f"the healthy level ({level:.3g} for the global norm here).")
+def _exploding_fixes(level, facts, clipping=None):
+    """The exploding finding's fixes, chosen from the model and its clipping when known."""
+    if clipping:  # clipping bounds the step, not the gradient: more of it is no fix
+        clip = (f"The optimizer already clips ({clipping}), which bounds the step but not the "
+                "gradient: look for what made it this large (the data of that step, weights "
+                "that grew under too high a learning rate).")
+    elif facts is not None and facts.optimizer:
+        clip = (f"Clip gradients: `{facts.optimizer}(..., clipnorm=1.0)` (per variable) or "
+                f"`global_clipnorm=1.0`. Pick the threshold near the healthy level "
+                f"({level:.3g} for the global norm here).")
+    else:
+        clip = ("Clip gradients: `keras.optimizers.Adam(learning_rate=1e-3, clipnorm=1.0)` (per "
+                "variable) or `global_clipnorm=1.0`; the article's fix. Pick the threshold near "
+                f"the healthy level ({level:.3g} for the global norm here).")
     if facts is None:
         return [clip, "Lower the learning rate (10x) or add warm-up.",
                 "Add batch normalization or nonlinear activations: a deep stack "
                 "of linear layers multiplies the gradient by every weight matrix."]
-    if facts.optimizer:
-        clip = (f"Clip gradients: `{facts.optimizer}(..., clipnorm=1.0)` (per variable) or "
-                f"`global_clipnorm=1.0`. Pick the threshold near the healthy level "
-                f"({level:.3g} for the global norm here).")
     fixes = [clip]
     if facts.learning_rate:
         fixes.append(f"Lower the learning rate from {facts.learning_rate:g} to "
@@ -608,8 +649,14 @@ def exploding_rule(rows, keys, first_step=0, state=None, alpha=0.97, zscore=3.0,
     first positive norm), so a recovery from zeros is not a spike.
 
     If `clipping` describes the optimizer's clipping (e.g. `"clipnorm=1.0"`),
-    the spike is absorbed by it and reported as `clipped_spike`, not as a
-    failure.
+    a spike below `ceiling`, confirmed as above, is the clipping at work: it
+    bounds the step the optimizer takes. Such a spike is no finding; it is
+    kept in `state["absorbed"]` (a dict per spike: `step`, `detected_step`,
+    `norm`, `recent_level`, `jump`, `clipping`; `Diagnoser` reports them as
+    `Report.absorbed_spikes`), and the rule goes on watching once the global
+    norm is back below `ratio` times the level it jumped from. A global norm
+    above `ceiling` is `exploding` with or without clipping: the clipping
+    bounds the step, not the model that produced a gradient that large.
 
     Args:
         rows: `(steps, len(keys))` norms.
@@ -665,6 +712,8 @@ def exploding_rule(rows, keys, first_step=0, state=None, alpha=0.97, zscore=3.0,
     var = np.array(state["var"], float)
     counts = np.array(state.get("counts", np.zeros(n + 1, int)))
     pending = state.get("pending")
+    episode = state.get("episode")  # the pre-spike level of the last absorbed spike
+    absorbed = list(state.get("absorbed", []))
     for i in range(len(rows)):
         x, lx = series[i], logs[i]
         finite = np.isfinite(x)
@@ -675,7 +724,10 @@ def exploding_rule(rows, keys, first_step=0, state=None, alpha=0.97, zscore=3.0,
             pending["waited"] += 1
             if not finite[0] or x[0] >= ratio * pending["level"]:
                 pending["seen"] += 1
-            if pending["seen"] >= confirm:
+            if pending["seen"] >= confirm and pending.get("absorbed"):
+                absorbed.append(dict(pending["absorbed"], detected_step=first_step + i))
+                episode, pending = pending["level"], None
+            elif pending["seen"] >= confirm:
                 state["fired"] = True
                 finding = pending["finding"]
                 finding.detected_step = first_step + i
@@ -690,6 +742,8 @@ def exploding_rule(rows, keys, first_step=0, state=None, alpha=0.97, zscore=3.0,
                 pending = None  # a transient spike: no harm done
         if not finite.all():
             continue  # nonfinite_rule's business
+        if episode is not None and x[0] < ratio * episode:
+            episode = None  # the absorbed spike is over
         # Exact zeros (a layer, or everything, that got no gradient: see
         # dead_layer_rule) say nothing about the level and stay out of the
         # averages; a series starts at its first positive norm.
@@ -707,7 +761,9 @@ def exploding_rule(rows, keys, first_step=0, state=None, alpha=0.97, zscore=3.0,
         bar[0] = zscore
         against_history = valid & (counts >= warmup) & (z > bar) & (jump >= ratio)
         spiking = against_history | (x > ceiling)
-        if not state["fired"] and pending is None and spiking[0]:
+        above = x[0] > ceiling
+        quiet = pending is not None or episode is not None
+        if not state["fired"] and spiking[0] and (not quiet or (clipping and above)):
             step = first_step + i
             layers = [k for k, s in zip(keys, spiking[1:]) if s]
             if not layers:  # no layer beat its own bar: name the layers that grew
@@ -725,30 +781,32 @@ def exploding_rule(rows, keys, first_step=0, state=None, alpha=0.97, zscore=3.0,
                 "global_norm": float(x[0]),
                 "layer_jumps": {k: float(jump[1 + keys.index(k)]) for k in layers},
             }
-            reason = (f"above the ceiling {ceiling:g}" if by_ceiling else
-                      f"{jump[j]:.3g} times its recent level {level[j]:.3g} (z = {z[j]:.1f})")
             if clipping:
                 evidence["clipping"] = clipping
-                found = (Finding(
-                    kind="clipped_spike", step=step, detected_step=step, layers=layers,
-                    evidence=evidence,
-                    message=(f"the {which} spiked to {x[j]:.3g}, {reason}; the optimizer's "
-                             f"clipping ({clipping}) bounds the update, so this is absorbed, "
-                             "not a failure."),
-                    fixes=["Nothing to do while the loss keeps falling; if such spikes "
-                           "become frequent, lower the learning rate."],
-                ))
-            else:
-                found = (Finding(
-                    kind="exploding", step=step, detected_step=step, layers=layers,
-                    evidence=evidence,
-                    message=(f"the {which} jumped to {x[j]:.3g}, {reason}; "
-                             f"{len(layers)} variable(s) grew with it ({_span(layers)})."),
-                    fixes=_exploding_fixes(level[0], facts),
-                ))
-            if x[0] > ceiling or confirm <= 1:  # above the ceiling: harm enough
+            reason = (f"above the ceiling {ceiling:g}" if by_ceiling else
+                      f"{jump[j]:.3g} times its recent level {level[j]:.3g} (z = {z[j]:.1f})")
+            clipped = (f"; the optimizer clips ({clipping}), but a gradient this large means "
+                       "the model itself is blowing up" if clipping else "")
+            found = Finding(
+                kind="exploding", step=step, detected_step=step, layers=layers,
+                evidence=evidence,
+                message=(f"the {which} jumped to {x[j]:.3g}, {reason}; "
+                         f"{len(layers)} variable(s) grew with it ({_span(layers)}){clipped}."),
+                fixes=_exploding_fixes(level[0], facts, clipping),
+            )
+            if clipping and not above:  # the clipping's business: absorbed once confirmed
+                spike = {"step": step, "norm": float(x[0]), "recent_level": float(level[0]),
+                         "jump": float(jump[0]), "clipping": clipping}
+                if confirm <= 1:
+                    absorbed.append(dict(spike, detected_step=step))
+                    episode = float(level[0])
+                else:
+                    pending = {"level": float(level[0]), "seen": 1, "waited": 0,
+                               "absorbed": spike}
+            elif above or confirm <= 1:  # above the ceiling: harm enough
                 state["fired"] = True
                 findings.append(found)
+                pending = None
             else:
                 pending = {"level": float(level[0]), "seen": 1, "waited": 0, "finding": found}
         # Update the averages with this step (spikes included, as ZClip).
@@ -757,7 +815,7 @@ def exploding_rule(rows, keys, first_step=0, state=None, alpha=0.97, zscore=3.0,
         var = np.where(valid, alpha * (var + (1 - alpha) * d * d), var)
         counts = counts + valid
     state["mean"], state["var"], state["counts"] = mean, var, counts
-    state["pending"] = pending
+    state["pending"], state["episode"], state["absorbed"] = pending, episode, absorbed
     return findings, state
 
 
@@ -1315,8 +1373,12 @@ class Diagnoser:
         if epoch_end_steps is not None:
             for f in findings:
                 f.epoch = epoch_of_step(f.step, epoch_end_steps)
+        absorbed = [dict(a) for a in (self.states.get("exploding") or {}).get("absorbed", [])]
+        if epoch_end_steps is not None:
+            for a in absorbed:
+                a["epoch"] = epoch_of_step(a["step"], epoch_end_steps)
         return Report(findings=findings, steps=self.steps, keys=self.keys,
-                      skipped_steps=self.skipped_steps)
+                      skipped_steps=self.skipped_steps, absorbed_spikes=absorbed)
 
 
 def diagnose_norms(norms, keys, epoch_end_steps=None, thresholds=None, clipping=None,

@@ -183,7 +183,7 @@ def weight_histogram(model, title="Weight distribution per layer", bins=60,
 def _finding_markers(ax, findings, colours=None):
     colours = colours or {"vanishing": "tab:purple", "exploding": "tab:red",
                           "nonfinite": "black", "dead_layer": "tab:gray",
-                          "clipped_spike": "tab:orange", "saturation": "tab:brown",
+                          "saturation": "tab:brown",
                           "dead_units": "tab:olive", "update_ratio": "tab:cyan"}
     for finding in findings or []:
         kind = finding.kind if hasattr(finding, "kind") else finding["kind"]

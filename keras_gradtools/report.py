@@ -25,7 +25,6 @@ th, td { border: 1px solid #ccc; padding: .25em .6em; text-align: left; vertical
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 figure { margin: 1em 0; } figure img { max-width: 100%; height: auto; }
 .finding { border-left: 4px solid #c33; padding: .3em .8em; margin: .8em 0; background: #fdf3f3; }
-.finding.clipped_spike { border-color: #e90; background: #fff8ec; }
 .healthy { border-left: 4px solid #393; padding: .3em .8em; background: #f1f8f1; }
 code, pre { background: #f4f4f4; padding: .1em .3em; }
 @media print { body { max-width: none; } figure { break-inside: avoid; } }
@@ -108,6 +107,7 @@ def render_report(run):
         f"<title>{html.escape(title)}</title>", f"<style>{_STYLE}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
     ]
+    has_diagnosis = os.path.exists(os.path.join(run.path, "diagnosis.json"))
     # Configuration
     settings = [
         ("model", config.get("model") or config.get("name")),
@@ -117,6 +117,8 @@ def render_report(run):
         ("optimizer", (config.get("optimizer_config") or {}).get("class_name")),
         ("clipping", config.get("clipping") or "none"),
         ("skipped steps (loss scaling)", len(run.skipped_steps)),
+        ("spikes absorbed by the clipping", len(run.absorbed_spikes)
+         if config.get("clipping") and has_diagnosis else None),
         ("backend", config.get("backend")),
         ("Keras", config.get("keras_version")),
         ("keras_gradtools", config.get("keras_gradtools_version")),
@@ -134,11 +136,19 @@ def render_report(run):
     # Findings
     parts.append('<h2 id="findings">Findings</h2>')
     if not run.findings:
-        has_diagnosis = os.path.exists(os.path.join(run.path, "diagnosis.json"))
         parts.append('<p class="healthy">' + (
             "No finding: the monitor saw nothing wrong." if has_diagnosis else
             "No monitor ran with this recording: run <code>gradtools diagnose "
             f"{html.escape(run.path)}</code> to judge it.") + "</p>")
+    if run.absorbed_spikes:
+        parts.append(f"<p>The optimizer's clipping ({html.escape(str(config.get('clipping')))}) "
+                     f"absorbed {len(run.absorbed_spikes)} spike(s) of the global norm: no "
+                     "finding, nothing to do while the loss keeps falling.</p>")
+        parts.append(_table(
+            ["step", "epoch", "global norm", "recent level", "jump"],
+            [(a.get("step"), a.get("epoch"), a.get("norm"), a.get("recent_level"),
+              a.get("jump")) for a in run.absorbed_spikes],
+            numeric=(0, 2, 3, 4)))
     for finding in run.findings:
         kind = str(finding.get("kind", "?"))
         parts.append(f'<div class="finding {html.escape(kind)}">')

@@ -24,6 +24,8 @@ import os
 
 import numpy as np
 
+from keras_gradtools.diagnose import Report
+
 FORMAT = 1
 
 
@@ -100,6 +102,8 @@ class Run:
         applied_norms: post-clipping norms, or `None`.
         history: Keras' per-epoch History (`{}` if not saved).
         findings: the monitor's findings as dicts (`[]` if none ran).
+        absorbed_spikes: the spikes the optimizer's clipping absorbed, as
+            the monitor's report lists them (`[]` if none, or no monitor).
         config: `config.json` (`{}` if absent).
         activations: the activation probes, a
             `keras_gradtools.activations.ActivationRecord` (empty if the run
@@ -116,6 +120,7 @@ class Run:
     applied_norms: object = None
     history: dict = dataclasses.field(default_factory=dict)
     findings: list = dataclasses.field(default_factory=list)
+    absorbed_spikes: list = dataclasses.field(default_factory=list)
     config: dict = dataclasses.field(default_factory=dict)
     activations: object = None
     update_ratios: object = None
@@ -215,13 +220,19 @@ def load_run(path):
         if not isinstance(history, dict) or not all(
                 isinstance(v, list) for v in history.values()):
             raise RunError(f"{history_path} is not a Keras History (metric -> list)")
-    findings = []
+    findings, absorbed = [], []
     diagnosis_path = os.path.join(path, "diagnosis.json")
     if os.path.exists(diagnosis_path):
         diagnosis = _read_json(diagnosis_path, "diagnosis.json")
         findings = diagnosis.get("findings", []) if isinstance(diagnosis, dict) else None
         if not isinstance(findings, list):
             raise RunError(f"{diagnosis_path} is not a report (no list of findings)")
+        try:
+            report = Report.from_dict(diagnosis)
+        except (KeyError, TypeError) as e:
+            raise RunError(f"{diagnosis_path} is not a report ({e!r})") from None
+        findings = [f.to_dict() for f in report.findings]
+        absorbed = report.absorbed_spikes
     from keras_gradtools.activations import ActivationRecord
 
     activations = ActivationRecord()
@@ -237,8 +248,8 @@ def load_run(path):
     config["skipped_steps"] = skipped_steps
     return Run(path=path, keys=keys, norms=norms, epoch_end_steps=epoch_end_steps,
                skipped_steps=skipped_steps, applied_norms=applied, history=history,
-               findings=findings, config=config, activations=activations,
-               update_ratios=updates)
+               findings=findings, absorbed_spikes=absorbed, config=config,
+               activations=activations, update_ratios=updates)
 
 
 def outcome(run):

@@ -1,5 +1,7 @@
 """Rules on synthetic series: fire when they should, quiet on healthy noise, edges honoured."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -140,13 +142,69 @@ def test_exploding_needs_the_spike_to_last():
     assert f.step == f.detected_step == 250
 
 
-def test_spike_absorbed_by_clipping_is_not_a_failure():
-    rows = _healthy(300)
+def test_spike_absorbed_by_clipping_is_no_finding_but_listed():
+    rows = _healthy(600)
+    rows[250:260] *= 200  # two spikes of ten steps each, the clipping at work
+    rows[400:410] *= 200
+    findings, state = exploding_rule(rows, KEYS, clipping="clipnorm=1")
+    assert findings == []
+    # One entry per spike (not one per step above the bar), confirmed on the
+    # third step at least 10x the pre-spike level, as an exploding spike is.
+    assert [(a["step"], a["detected_step"]) for a in state["absorbed"]] == [(250, 252),
+                                                                             (400, 402)]
+    first = state["absorbed"][0]
+    assert first["clipping"] == "clipnorm=1"
+    assert first["norm"] == pytest.approx(np.linalg.norm(rows[250]))
+    assert first["jump"] == pytest.approx(first["norm"] / first["recent_level"])
+    assert first["jump"] > 100
+    # The same series without clipping is exploding, at the same steps.
+    (f,), _ = exploding_rule(rows, KEYS)
+    assert (f.kind, f.step, f.detected_step) == ("exploding", 250, 252)
+
+    report = diagnose_norms(rows, KEYS, epoch_end_steps=[300, 600], clipping="clipnorm=1")
+    assert report.findings == [] and report.to_dict()["healthy"] is True
+    assert [(a["step"], a["epoch"]) for a in report.absorbed_spikes] == [(250, 1), (400, 2)]
+    assert "clipping (clipnorm=1) absorbed 2 spike(s)" in str(report)
+    assert "at step(s) 250, 400" in str(report)
+    again = Report.from_dict(json.loads(report.to_json()))
+    assert again.absorbed_spikes == report.to_dict()["absorbed_spikes"]
+
+
+def test_spike_absorbed_by_clipping_is_split_across_blocks_alike():
+    rows = _healthy(600)
     rows[250:260] *= 200
-    findings, _ = exploding_rule(rows, KEYS, clipping="clipnorm=1")
-    assert [f.kind for f in findings] == ["clipped_spike"]
-    report = diagnose_norms(rows, KEYS, clipping="clipnorm=1")
-    assert report.to_dict()["healthy"] is True
+    rows[400:410] *= 200
+    state, found = None, []
+    for start in range(0, 600, 7):
+        new, state = exploding_rule(rows[start:start + 7], KEYS, start, state=state,
+                                    clipping="clipnorm=1")
+        found += new
+    whole = exploding_rule(rows, KEYS, clipping="clipnorm=1")[1]["absorbed"]
+    assert found == [] and state["absorbed"] == whole
+
+
+def test_norm_above_the_ceiling_is_exploding_even_under_clipping():
+    rows = _healthy(300)
+    rows[100:110] *= 200  # absorbed first
+    rows[250] = 2e6  # then a gradient no clipping makes healthy
+    findings, state = exploding_rule(rows, KEYS, clipping="global_clipnorm=1")
+    (f,) = findings
+    assert (f.kind, f.step, f.detected_step) == ("exploding", 250, 250)
+    assert [a["step"] for a in state["absorbed"]] == [100]
+    assert "already clips (global_clipnorm=1)" in f.fixes[0]
+    assert not any(fix.startswith("Clip gradients") for fix in f.fixes)
+
+
+def test_reports_that_listed_absorbed_spikes_as_findings_still_load():
+    old = {"steps": 300, "keys": KEYS, "healthy": True, "skipped_steps": 0, "findings": [
+        {"kind": "clipped_spike", "step": 250, "detected_step": 252, "layers": KEYS[:1],
+         "evidence": {"norm": 240.0, "recent_level": 1.2, "jump": 200.0,
+                      "clipping": "clipnorm=1"}, "fixes": [], "message": "", "epoch": 1}]}
+    report = Report.from_dict(old)
+    assert report.findings == []
+    assert report.absorbed_spikes == [{"step": 250, "detected_step": 252, "norm": 240.0,
+                                       "recent_level": 1.2, "jump": 200.0,
+                                       "clipping": "clipnorm=1", "epoch": 1}]
 
 
 # --- nonfinite and dead layers ---------------------------------------------

@@ -189,6 +189,33 @@ def test_report_is_one_self_contained_html_file(user_run):
     assert result.exit_code == 2 and "never overwrites" in result.output
 
 
+def test_report_lists_the_spikes_the_clipping_absorbed(tmp_path):
+    run_dir = tmp_path / "absorbed"
+    x, y = _data(n=8 * 200)
+    x[8 * 150:8 * 155] *= 1e4  # five batches of huge inputs: a spike from step 150
+    model = _mlp()
+    model.compile(optimizer=keras.optimizers.SGD(1e-3, clipnorm=1.0),
+                  loss="sparse_categorical_crossentropy")
+    logger = GradNormLogger(run_dir=run_dir)
+    monitor = GradientMonitor(logger, verbose=0)
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0,
+              callbacks=[logger, monitor])
+    report = monitor.report()
+    assert report.findings == [] and [a["step"] for a in report.absorbed_spikes] == [150]
+    run = load_run(run_dir)
+    assert run.findings == [] and run.absorbed_spikes == report.to_dict()["absorbed_spikes"]
+    result = CliRunner().invoke(cli.main, ["report", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    parser = _Html()
+    parser.feed(open(run_dir / "report.html", encoding="utf-8").read())
+    cells = parser.cells
+    at = cells.index("spikes absorbed by the clipping")
+    assert cells[at + 1] == "1"
+    row = cells.index("150")  # the table of absorbed spikes: step, epoch, norm, level, jump
+    assert cells[row + 1] == "1"
+    assert float(cells[row + 2]) == pytest.approx(report.absorbed_spikes[0]["norm"], rel=1e-3)
+
+
 # ---------------------------------------------------------------------------
 # gradtools compare
 # ---------------------------------------------------------------------------
