@@ -1,8 +1,8 @@
-"""Every contact keras_gradtools has with Keras' and TensorFlow's insides.
+"""Every contact keras_gradtools has with Keras', TensorFlow's and PyTorch's insides.
 
 This is the only module that imports `keras.src` or `tensorflow.python`,
-reads or writes a private attribute of a Keras object, or replaces a Keras
-method. Everything else in the package uses public API and calls the
+reads or writes a private attribute of a Keras object, replaces a Keras
+method, or calls a private PyTorch function. Everything else in the package uses public API and calls the
 functions below. A new Keras release that breaks the toolkit should break
 here, and only here.
 
@@ -23,6 +23,7 @@ Contact points (tested on Keras 3.3.3 / TF 2.16.2 and Keras 3.15.1 / TF
 | `tensorflow.python.ops.resource_variable_ops.ResourceVariable` (`local_variable`) | the ring buffer: a plain variable even inside `strategy.scope()` (written by one replica per worker) | none: `tf.Variable` inside a scope becomes a distributed variable |
 | `model.train_function`, replaced for the duration of `fit()` (`set_train_function`) | the logger rebuilds the train function with the tap in it, and puts the old one back | a public attribute, but Keras does not document replacing it |
 | `optimizer._variables`, extended for the duration of `fit()` on JAX (`adopt_variables`, `release_variables`; the inner optimizer's under a `LossScaleOptimizer`) | JAX's train step is a pure function of the state Keras passes in: a ring buffer written inside it survives only as part of that state, and the optimizer's variables are | none |
+| `torch._foreach_norm`, where torch lacks the public `torch.foreach.norm` (`torch_norms`) | PyTorch: every gradient's norm in one call (one multi-tensor kernel on a GPU) instead of one eager dispatch per variable | `torch.foreach.norm` (beta, newer torch: used when present); `torch.linalg.vector_norm` per tensor (used when neither exists) |
 | `model._jax_state`, `model._jax_state_synced` (`live_values`) | during a JAX epoch the variables' own values are purged; the current ones live in the trainer's state | `model.jax_state_sync()` (public), which writes every variable back: too costly every few hundred steps |
 
 Every replacement goes through `Patch`: entered and exited the same way,
@@ -297,6 +298,55 @@ def variable_handles(variable):
     if isinstance(value, tf.Variable):
         handles.append(value)
     return handles
+
+
+def torch_norms(tensors):
+    """The float32 2-norm of each torch tensor, as a tuple of 0-d tensors.
+
+    The same numbers as `torch.linalg.vector_norm(t, dtype=torch.float32)`
+    for each `t`, in one call: `torch.foreach.norm` where torch has it,
+    else `torch._foreach_norm` (its older, private name), else one call per
+    tensor. Call it under `torch.no_grad()`.
+    """
+    if not tensors:
+        return ()
+    return tuple(_torch_norms_function()(list(tensors)))
+
+
+def _torch_norms_function():
+    """The function `torch_norms` calls, chosen once per process."""
+    global _TORCH_NORMS
+    if _TORCH_NORMS is not None:
+        return _TORCH_NORMS
+    import importlib
+
+    import torch
+
+    def per_tensor(tensors):
+        return [torch.linalg.vector_norm(t, dtype=torch.float32) for t in tensors]
+
+    try:
+        public = importlib.import_module("torch.foreach").norm
+    except (ImportError, AttributeError):
+        public = None
+    private = getattr(torch, "_foreach_norm", None)
+    if public is not None:
+        def chosen(tensors):
+            return public(tensors, ord=2, dtype=torch.float32)
+    elif private is not None:
+        def chosen(tensors):
+            return private(tensors, 2, dtype=torch.float32)
+        try:  # an older torch's _foreach_norm may take no dtype
+            chosen([torch.ones(1, dtype=torch.float16)])
+        except (TypeError, RuntimeError):
+            chosen = per_tensor
+    else:
+        chosen = per_tensor
+    _TORCH_NORMS = chosen
+    return chosen
+
+
+_TORCH_NORMS = None
 
 
 # ----------------------------------------------------------------------

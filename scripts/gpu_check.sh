@@ -5,6 +5,7 @@
 #
 #   bash scripts/gpu_check.sh [OUT_DIR]
 #
+# PyTorch's per-variable norms, per tensor against all at once (scripts/bench_norm_ops_torch.py).
 # For each of JAX and PyTorch (scripts/bench_overhead.py, every figure a ratio to plain fit()
 # interleaved in one process): the logger's overhead on the deep MLP and the small CNN; the step
 # time of the four article cases (their own models and batch sizes), plain and with the logger and
@@ -62,7 +63,9 @@ print("python", sys.version.split()[0], "| keras", keras.__version__, "| jax", j
 
 bench=("$py" scripts/bench_overhead.py --probe-samples 0)
 clips=clip=value,clip=norm,clip=global_norm,clip=agc,clip=autoclip,clip=zclip
-# Most wanted first: a section cut short by the budget loses the least.
+# Most wanted first: a section cut short by the budget loses the least. Seconds: PyTorch's 44
+# norms, one call per tensor against one call for all (the recorder's way since 2026-11-26).
+section norms_torch 30 env KERAS_BACKEND=torch "$py" scripts/bench_norm_ops_torch.py
 for backend in jax torch; do
     section "overhead_$backend" 100 "${bench[@]}" --backend "$backend" $long \
         --models deep_linear,small_cnn --candidates logger

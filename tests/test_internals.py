@@ -109,3 +109,36 @@ def test_several_replicas_on_keras_before_3_8_are_refused(monkeypatch):
     two = types.SimpleNamespace(num_replicas_in_sync=2)
     with pytest.raises(ValueError, match=r"from Keras 3\.8\.0 on.*keras==3\.7\.0 with 2 replicas"):
         keras_gradtools.recording(keras.optimizers.SGD(0.1), [], strategy=two)
+
+
+@pytest.mark.parametrize("path", ["public", "private", "per_tensor"])
+def test_torch_norms_equal_vector_norm_whichever_torch_function_exists(monkeypatch, path):
+    torch = pytest.importorskip("torch")
+    import sys
+    import types
+
+    tensors = [torch.randn(300, 7), torch.randn(5).half(), torch.zeros(2, 2),
+               torch.randn(3, requires_grad=True)]
+    calls = []
+    monkeypatch.setattr(internals, "_TORCH_NORMS", None)
+    private = getattr(torch, "_foreach_norm", None)
+    if path == "public":
+        def norm(inputs, ord, dtype):  # the signature of torch.foreach.norm
+            calls.append(len(inputs))
+            return tuple(torch.linalg.vector_norm(t, ord, dtype=dtype) for t in inputs)
+        monkeypatch.setitem(sys.modules, "torch.foreach", types.SimpleNamespace(norm=norm))
+    else:
+        monkeypatch.setitem(sys.modules, "torch.foreach", None)  # import fails
+        if path == "per_tensor" and private is not None:
+            monkeypatch.delattr(torch, "_foreach_norm")
+        if path == "private" and private is None:
+            pytest.skip("this torch has no _foreach_norm")
+    with torch.no_grad():
+        norms = internals.torch_norms(tensors)
+    expected = [float(torch.linalg.vector_norm(t.detach(), dtype=torch.float32))
+                for t in tensors]
+    assert [n.dtype for n in norms] == [torch.float32] * 4
+    np.testing.assert_allclose([float(n) for n in norms], expected, rtol=1e-6)
+    if path == "public":
+        assert calls == [4]  # one call for every tensor
+    assert internals.torch_norms([]) == ()
