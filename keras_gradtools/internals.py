@@ -2,9 +2,9 @@
 
 This is the only module that imports `keras.src` or `tensorflow.python`,
 reads or writes a private attribute of a Keras object, replaces a Keras
-method, or calls a private PyTorch function. Everything else in the package uses public API and calls the
-functions below. A new Keras release that breaks the toolkit should break
-here, and only here.
+method, or calls a private PyTorch function. Everything else in the package
+uses public API and calls the functions below. A new Keras (or PyTorch)
+release that breaks the toolkit should break here, and only here.
 
 Contact points (tested on Keras 3.3.3 / TF 2.16.2 and Keras 3.15.1 / TF
 2.21.0, where `.ci/run` runs the whole suite; several replicas also on Keras
@@ -23,8 +23,8 @@ Contact points (tested on Keras 3.3.3 / TF 2.16.2 and Keras 3.15.1 / TF
 | `tensorflow.python.ops.resource_variable_ops.ResourceVariable` (`local_variable`) | the ring buffer: a plain variable even inside `strategy.scope()` (written by one replica per worker) | none: `tf.Variable` inside a scope becomes a distributed variable |
 | `model.train_function`, replaced for the duration of `fit()` (`set_train_function`) | the logger rebuilds the train function with the tap in it, and puts the old one back | a public attribute, but Keras does not document replacing it |
 | `optimizer._variables`, extended for the duration of `fit()` on JAX (`adopt_variables`, `release_variables`; the inner optimizer's under a `LossScaleOptimizer`) | JAX's train step is a pure function of the state Keras passes in: a ring buffer written inside it survives only as part of that state, and the optimizer's variables are | none |
-| `torch._foreach_norm`, where torch lacks the public `torch.foreach.norm` (`torch_norms`) | PyTorch: every gradient's norm in one call (one multi-tensor kernel on a GPU) instead of one eager dispatch per variable | `torch.foreach.norm` (beta, newer torch: used when present); `torch.linalg.vector_norm` per tensor (used when neither exists) |
 | `model._jax_state`, `model._jax_state_synced` (`live_values`) | during a JAX epoch the variables' own values are purged; the current ones live in the trainer's state | `model.jax_state_sync()` (public), which writes every variable back: too costly every few hundred steps |
+| `torch._foreach_norm`, where torch lacks the public `torch.foreach.norm` (`torch_norms`) | PyTorch: every gradient's norm in one call (one multi-tensor kernel on a GPU) instead of one eager dispatch per variable | `torch.foreach.norm` (beta, newer torch: used when present); `torch.linalg.vector_norm` per tensor (used when neither exists) |
 
 Every replacement goes through `Patch`: entered and exited the same way,
 reference counted (replicas trace in parallel threads), nested patches of
