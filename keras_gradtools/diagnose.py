@@ -187,11 +187,10 @@ class Report:
                    absorbed_spikes=sorted(absorbed, key=lambda a: a["step"]))
 
     def __str__(self):
-        notes = []
-        if self.skipped_steps:
-            notes.append(f"{self.skipped_steps} skipped by the loss-scale optimizer, not judged")
         head = f"Gradient report over {self.steps} steps"
-        head += f" ({'; '.join(notes)})" if notes else ""
+        if self.skipped_steps:
+            head += (f" ({self.skipped_steps} skipped by the loss-scale optimizer, "
+                     "not judged)")
         head += f", {len(self.keys)} variables: "
         if not self.findings:
             head += "no vanishing, exploding or non-finite gradients found."
@@ -765,35 +764,6 @@ def exploding_rule(rows, keys, first_step=0, state=None, alpha=0.97, zscore=3.0,
         quiet = pending is not None or episode is not None
         if not state["fired"] and spiking[0] and (not quiet or (clipping and above)):
             step = first_step + i
-            layers = [k for k, s in zip(keys, spiking[1:]) if s]
-            if not layers:  # no layer beat its own bar: name the layers that grew
-                grew = [k for k, jmp in zip(keys, jump[1:]) if jmp >= ratio]
-                order = np.argsort(-jump[1:])[:3]
-                layers = grew or [keys[j] for j in sorted(order)]
-            which, j = "global norm", 0
-            by_ceiling = not against_history[j]
-            evidence = {
-                "series": "global",
-                "norm": float(x[j]), "recent_level": float(level[j]),
-                "jump": float(jump[j]), "zscore": float(z[j]),
-                "zscore_threshold": float(bar[j]), "ratio_threshold": ratio,
-                "ceiling": ceiling, "alpha": alpha, "warmup": warmup,
-                "global_norm": float(x[0]),
-                "layer_jumps": {k: float(jump[1 + keys.index(k)]) for k in layers},
-            }
-            if clipping:
-                evidence["clipping"] = clipping
-            reason = (f"above the ceiling {ceiling:g}" if by_ceiling else
-                      f"{jump[j]:.3g} times its recent level {level[j]:.3g} (z = {z[j]:.1f})")
-            clipped = (f"; the optimizer clips ({clipping}), but a gradient this large means "
-                       "the model itself is blowing up" if clipping else "")
-            found = Finding(
-                kind="exploding", step=step, detected_step=step, layers=layers,
-                evidence=evidence,
-                message=(f"the {which} jumped to {x[j]:.3g}, {reason}; "
-                         f"{len(layers)} variable(s) grew with it ({_span(layers)}){clipped}."),
-                fixes=_exploding_fixes(level[0], facts, clipping),
-            )
             if clipping and not above:  # the clipping's business: absorbed once confirmed
                 spike = {"step": step, "norm": float(x[0]), "recent_level": float(level[0]),
                          "jump": float(jump[0]), "clipping": clipping}
@@ -803,12 +773,43 @@ def exploding_rule(rows, keys, first_step=0, state=None, alpha=0.97, zscore=3.0,
                 else:
                     pending = {"level": float(level[0]), "seen": 1, "waited": 0,
                                "absorbed": spike}
-            elif above or confirm <= 1:  # above the ceiling: harm enough
-                state["fired"] = True
-                findings.append(found)
-                pending = None
             else:
-                pending = {"level": float(level[0]), "seen": 1, "waited": 0, "finding": found}
+                layers = [k for k, s in zip(keys, spiking[1:]) if s]
+                if not layers:  # no layer beat its own bar: name the layers that grew
+                    grew = [k for k, jmp in zip(keys, jump[1:]) if jmp >= ratio]
+                    order = np.argsort(-jump[1:])[:3]
+                    layers = grew or [keys[j] for j in sorted(order)]
+                which, j = "global norm", 0
+                by_ceiling = not against_history[j]
+                evidence = {
+                    "series": "global",
+                    "norm": float(x[j]), "recent_level": float(level[j]),
+                    "jump": float(jump[j]), "zscore": float(z[j]),
+                    "zscore_threshold": float(bar[j]), "ratio_threshold": ratio,
+                    "ceiling": ceiling, "alpha": alpha, "warmup": warmup,
+                    "global_norm": float(x[0]),
+                    "layer_jumps": {k: float(jump[1 + keys.index(k)]) for k in layers},
+                }
+                if clipping:
+                    evidence["clipping"] = clipping
+                reason = (f"above the ceiling {ceiling:g}" if by_ceiling else
+                          f"{jump[j]:.3g} times its recent level {level[j]:.3g} (z = {z[j]:.1f})")
+                clipped = (f"; the optimizer clips ({clipping}), but a gradient this large means "
+                           "the model itself is blowing up" if clipping else "")
+                found = Finding(
+                    kind="exploding", step=step, detected_step=step, layers=layers,
+                    evidence=evidence,
+                    message=(f"the {which} jumped to {x[j]:.3g}, {reason}; "
+                             f"{len(layers)} variable(s) grew with it ({_span(layers)}){clipped}."),
+                    fixes=_exploding_fixes(level[0], facts, clipping),
+                )
+                if above or confirm <= 1:  # above the ceiling: harm enough
+                    state["fired"] = True
+                    findings.append(found)
+                    pending = None
+                else:
+                    pending = {"level": float(level[0]), "seen": 1, "waited": 0,
+                               "finding": found}
         # Update the averages with this step (spikes included, as ZClip).
         d = np.where(valid, lx - mean, 0.0)
         mean = mean + (1 - alpha) * d
