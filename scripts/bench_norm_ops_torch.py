@@ -17,16 +17,13 @@ Prints microseconds per call (median of `--reps` interleaved runs of
 Run: `python scripts/bench_norm_ops_torch.py` (seconds; torch installed).
 """
 
-import os
 import statistics
-import sys
 import time
 
 import click
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from keras_gradtools import internals  # noqa: E402
+from keras_gradtools import internals
 
 SHAPES = ([(784, 256), (256,)] + [(256, 256), (256,)] * 20 + [(256, 10), (10,)])
 
