@@ -183,7 +183,8 @@ def squared_norm(gradient):
     """`sum(g ** 2)` of one gradient, as a float32 scalar, on any backend.
 
     On TensorFlow `2 * half_squared_norm(gradient)` (sparse gradients as
-    their dense sum); on JAX and PyTorch `keras.ops` in float32. The one
+    their dense sum); on JAX and PyTorch `keras.ops` in float32 (on JAX's
+    CPU backend, the square fused into the sum as the norm's own). The one
     place clipping and the recorder take a squared norm off TensorFlow.
 
     Args:
@@ -197,9 +198,29 @@ def squared_norm(gradient):
     >>> float(squared_norm(tf.constant([3.0, 4.0])))
     25.0
     """
-    if keras.backend.backend() == "tensorflow":
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
         return 2.0 * half_squared_norm(gradient)
+    if backend == "jax":
+        gradient = _unshared_on_cpu(gradient)
     return keras.ops.sum(keras.ops.square(keras.ops.cast(gradient, "float32")))
+
+
+def _unshared_on_cpu(gradient):
+    """JAX: `gradient` behind an optimization barrier on XLA's CPU backend (same values).
+
+    The optimizer squares each gradient too (Adam's second moment). Without
+    the barrier XLA merges the norm's `square(g)` with the optimizer's, and
+    its CPU backend then writes the squared gradient to memory and reads it
+    back for the sum: two more passes over every gradient. Behind the
+    barrier the square is the norm's own, fused into its sum: one read. On
+    other platforms the gradient is returned as it is.
+    """
+    import jax
+
+    if jax.default_backend() != "cpu":
+        return gradient
+    return jax.lax.optimization_barrier(gradient)
 
 
 def gradient_norm(gradient):
