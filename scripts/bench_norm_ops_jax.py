@@ -3,17 +3,24 @@
 The JAX counterpart of `scripts/bench_norm_ops.py`: in one `jax.jit` function
 per formulation, the sums of squares of tensors shaped like the article's deep
 linear MLP's 22 kernels (784x256, 20 x 256x256, 256x10; 1.51 M floats),
-produced fresh each call (and returned, as a step returns its updates),
-against producing them alone:
+produced fresh each call as a backward pass makes a kernel's gradient (a
+batch of 32 inputs against 32 output gradients, `x.T @ dy`) and consumed as
+an optimizer consumes gradients
+(Adam-like moments `m = 0.9 m + 0.1 g`, `v = 0.999 v + 0.001 g**2`,
+returned), against that step alone:
 
-- `sum_square`: `sum(square(g))` per tensor (what `keras.ops` gives);
-- `two_stage`: `square(g)` summed over rows first (a vector of column sums,
-  the reduction XLA's CPU backend vectorizes), then over that vector;
+- `sum_square`: `sum(square(g))` per tensor (what `keras.ops` gives). XLA
+  merges this `square(g)` with the moment's; on its CPU backend the squared
+  gradient is then written out and read back for the sum;
+- `barrier`: the same behind `jax.lax.optimization_barrier(g)`, which keeps
+  the square the norm's own, fused into its sum (what
+  `keras_gradtools.norms.squared_norm` does on XLA's CPU backend);
+- `two_stage`: `square(g)` summed over rows first, then over that vector;
 - `vdot`: `vdot(g, g)` per tensor (a dot product);
 - `concat`: everything concatenated, one reduction per tensor's segment.
 
 Prints microseconds per call (median of `--reps` interleaved runs of
-`--calls` calls) and the extra cost over producing the tensors alone.
+`--calls` calls) and the extra cost over the step alone.
 
 Run: `python scripts/bench_norm_ops_jax.py` (about a minute; JAX installed).
 """
@@ -28,9 +35,15 @@ import jax.numpy as jnp
 SHAPES = [(784, 256)] + [(256, 256)] * 20 + [(256, 10)]
 
 
-def _make(bases, scale):
-    """Fresh tensors each call (one multiply each), returned so that they are materialized."""
-    return [b * scale for b in bases]
+def _make(inputs, scale):
+    """Fresh gradients each call, made as a backward pass makes a Dense kernel's."""
+    return [jnp.dot(x.T, dy * scale) for x, dy in inputs]
+
+
+def _moments(gs, ms, vs):
+    """What an Adam-like optimizer does with the gradients: its two moments."""
+    return ([0.9 * m + 0.1 * g for m, g in zip(ms, gs)],
+            [0.999 * v + 0.001 * jnp.square(g) for v, g in zip(vs, gs)])
 
 
 def _alone(gs):
@@ -39,6 +52,10 @@ def _alone(gs):
 
 def _sum_square(gs):
     return jnp.stack([jnp.sum(jnp.square(g)) for g in gs])
+
+
+def _barrier(gs):
+    return jnp.stack([jnp.sum(jnp.square(jax.lax.optimization_barrier(g))) for g in gs])
 
 
 def _two_stage(gs):
@@ -58,7 +75,8 @@ def _concat(gs):
     return jnp.stack([jnp.sum(flat[a:b]) for a, b in zip(ends[:-1], ends[1:])])
 
 
-VARIANTS = {"alone": _alone, "sum_square": _sum_square, "two_stage": _two_stage,
+VARIANTS = {"alone": _alone, "sum_square": _sum_square, "barrier": _barrier,
+            "two_stage": _two_stage,
             "vdot": _vdot, "concat": _concat}
 
 
@@ -69,17 +87,21 @@ def main(calls, reps):
     """Per-call time of each norm formulation, interleaved, on the first JAX device."""
     functions = {}
     for name, variant in VARIANTS.items():
-        def step(bases, scale, v=variant):
+        def step(bases, scale, ms, vs, norms=variant):
             gs = _make(bases, scale)
-            return gs, v(gs)
+            return _moments(gs, ms, vs), norms(gs)
 
         functions[name] = jax.jit(step)
-    keys = jax.random.split(jax.random.PRNGKey(0), len(SHAPES))
-    bases = [jax.random.normal(k, s) * 1e-3 for k, s in zip(keys, SHAPES)]
+    keys = jax.random.split(jax.random.PRNGKey(0), 2 * len(SHAPES))
+    bases = [(jax.random.normal(keys[2 * i], (32, s[0])),
+              jax.random.normal(keys[2 * i + 1], (32, s[1])) * 1e-3)
+             for i, s in enumerate(SHAPES)]
     scale = jnp.float32(1.5)
-    reference = functions["sum_square"](bases, scale)[1]
+    ms = [jnp.zeros(s) for s in SHAPES]
+    vs = [jnp.zeros(s) for s in SHAPES]
+    reference = functions["sum_square"](bases, scale, ms, vs)[1]
     for name, f in functions.items():
-        out = jax.block_until_ready(f(bases, scale))[1]
+        out = jax.block_until_ready(f(bases, scale, ms, vs))[1]
         if name != "alone":
             assert jnp.allclose(out, reference, rtol=1e-4), name
     times = {name: [] for name in functions}
@@ -87,12 +109,12 @@ def main(calls, reps):
         for name in (list(functions) if rep % 2 == 0 else list(functions)[::-1]):
             start = time.perf_counter()
             for _ in range(calls):
-                out = functions[name](bases, scale)
+                out = functions[name](bases, scale, ms, vs)
             jax.block_until_ready(out)
             times[name].append((time.perf_counter() - start) / calls * 1e6)
     base = statistics.median(times["alone"])
     click.echo(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; producing the "
-               f"22 tensors alone: {base:.0f} us per call")
+               f"22 tensors and their moments alone: {base:.0f} us per call")
     for name in functions:
         if name != "alone":
             t = statistics.median(times[name])
