@@ -337,10 +337,10 @@ def update_ratios(before, variables):
         import torch
 
         with torch.no_grad():
-            steps = torch.stack([torch.linalg.vector_norm(
-                v.value.detach() - old, dtype=torch.float32) for v, old in zip(variables, before)])
-            sizes = torch.stack([torch.linalg.vector_norm(old, dtype=torch.float32)
-                                 for old in before])
+            # All norms in one call each, as the recorder takes its own.
+            steps = torch.stack(internals.torch_norms(
+                [v.value.detach() - old for v, old in zip(variables, before)]))
+            sizes = torch.stack(internals.torch_norms(before))
             return torch.where(sizes > 0, steps / sizes, torch.full_like(sizes, float("nan")))
     steps = ops.sqrt(ops.stack([squared_norm(ops.subtract(v.value, old))
                                 for v, old in zip(variables, before)]))
