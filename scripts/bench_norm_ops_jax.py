@@ -5,9 +5,8 @@ per formulation, the sums of squares of tensors shaped like the article's deep
 linear MLP's 22 kernels (784x256, 20 x 256x256, 256x10; 1.51 M floats),
 produced fresh each call as a backward pass makes a kernel's gradient (a
 batch of 32 inputs against 32 output gradients, `x.T @ dy`) and consumed as
-an optimizer consumes gradients
-(Adam-like moments `m = 0.9 m + 0.1 g`, `v = 0.999 v + 0.001 g**2`,
-returned), against that step alone:
+an optimizer consumes them (Adam-like moments `m = 0.9 m + 0.1 g` and
+`v = 0.999 v + 0.001 g**2`, returned), against that step alone:
 
 - `sum_square`: `sum(square(g))` per tensor (what `keras.ops` gives). XLA
   merges this `square(g)` with the moment's; on its CPU backend the squared
@@ -76,8 +75,7 @@ def _concat(gs):
 
 
 VARIANTS = {"alone": _alone, "sum_square": _sum_square, "barrier": _barrier,
-            "two_stage": _two_stage,
-            "vdot": _vdot, "concat": _concat}
+            "two_stage": _two_stage, "vdot": _vdot, "concat": _concat}
 
 
 @click.command()
@@ -87,21 +85,21 @@ def main(calls, reps):
     """Per-call time of each norm formulation, interleaved, on the first JAX device."""
     functions = {}
     for name, variant in VARIANTS.items():
-        def step(bases, scale, ms, vs, norms=variant):
-            gs = _make(bases, scale)
+        def step(inputs, scale, ms, vs, norms=variant):
+            gs = _make(inputs, scale)
             return _moments(gs, ms, vs), norms(gs)
 
         functions[name] = jax.jit(step)
     keys = jax.random.split(jax.random.PRNGKey(0), 2 * len(SHAPES))
-    bases = [(jax.random.normal(keys[2 * i], (32, s[0])),
+    inputs = [(jax.random.normal(keys[2 * i], (32, s[0])),
               jax.random.normal(keys[2 * i + 1], (32, s[1])) * 1e-3)
              for i, s in enumerate(SHAPES)]
     scale = jnp.float32(1.5)
     ms = [jnp.zeros(s) for s in SHAPES]
     vs = [jnp.zeros(s) for s in SHAPES]
-    reference = functions["sum_square"](bases, scale, ms, vs)[1]
+    reference = functions["sum_square"](inputs, scale, ms, vs)[1]
     for name, f in functions.items():
-        out = jax.block_until_ready(f(bases, scale, ms, vs))[1]
+        out = jax.block_until_ready(f(inputs, scale, ms, vs))[1]
         if name != "alone":
             assert jnp.allclose(out, reference, rtol=1e-4), name
     times = {name: [] for name in functions}
@@ -109,7 +107,7 @@ def main(calls, reps):
         for name in (list(functions) if rep % 2 == 0 else list(functions)[::-1]):
             start = time.perf_counter()
             for _ in range(calls):
-                out = functions[name](bases, scale, ms, vs)
+                out = functions[name](inputs, scale, ms, vs)
             jax.block_until_ready(out)
             times[name].append((time.perf_counter() - start) / calls * 1e6)
     base = statistics.median(times["alone"])
