@@ -258,18 +258,18 @@ def judge(path):
     data = np.load(os.path.join(path, "recording.npz"))
     ends = [int(s) for s in data["epoch_end_steps"]]
     report = judge_report(path)
-    failures = report.findings
+    findings = report.findings  # every finding is a failure found
     row = {"name": meta["name"], "label": meta["label"], "steps": int(len(data["norms"])),
            "epochs": meta["epochs"], "wall_s": meta["wall_s"],
-           "findings": [f"{f.kind}@{f.detected_step}" for f in report.findings],
+           "findings": [f"{f.kind}@{f.detected_step}" for f in findings],
            "absorbed": [a["detected_step"] for a in report.absorbed_spikes],
            "visible": visible_step(meta["label"], data["step_loss"], meta["classes"])}
     if meta["label"] == HEALTHY:
-        row["verdict"] = "false alarm" if failures else "ok"
-    elif not failures:
+        row["verdict"] = "false alarm" if findings else "ok"
+    elif not findings:
         row["verdict"] = "MISS"
     else:
-        first = failures[0]
+        first = findings[0]
         row["verdict"] = f"found ({first.kind})"
         row["detected"] = first.detected_step
         if meta["label"] == "exploding":
