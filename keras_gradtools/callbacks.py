@@ -63,6 +63,9 @@ class GradNormLogger(keras.callbacks.Callback):
       it (a long run of skips is reported: see `diagnose.nonfinite_rule`).
     - The norms are pre-clipping: they are the gradients the optimizer
       receives, before its own `clipnorm`/`clipvalue`/`global_clipnorm`.
+    - A model that is not built when `fit()` starts (a subclassed model
+      never called, a `Sequential` without an `Input`) is recorded from its
+      first step like any other; its keys are known once that step ran.
     - Frozen variables are not trainable and are not recorded. A trainable
       variable that gets no gradient (not connected to the loss) is recorded
       as 0, which is what the optimizer applies to it.
@@ -210,6 +213,7 @@ class GradNormLogger(keras.callbacks.Callback):
         self._steps_begun = 0
         self._next_probe = 0
         self._run_written = None
+        self._describe_when_built = False
         self._epoch_history = {}
         self.update_freq = update_freq
         self.histogram_freq = histogram_freq
@@ -368,9 +372,18 @@ class GradNormLogger(keras.callbacks.Callback):
 
     def _start_run(self):
         """Writes into the claimed `run_dir` what is known before training."""
+        self._run_started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self._describe_model()
+        self._run_written = time.monotonic()
+        self._write_run(force=True)  # a readable run from the start, with no step yet
+
+    def _describe_model(self):
+        """Writes the model's summary and the run's config (again once a late-built model is built)."""
         from keras_gradtools import __version__
 
         model, optimizer = self.model, self.model.optimizer
+        # A model built inside fit() (TensorFlow) is described again at the first epoch's end.
+        self._describe_when_built = not model.built
         summary = io.StringIO()
         try:
             model.summary(print_fn=lambda line, *args, **kwargs: summary.write(line + "\n"))
@@ -392,10 +405,8 @@ class GradNormLogger(keras.callbacks.Callback):
             "logger": {"include_biases": self.include_biases, "flush_every": self.flush_every,
                        "log_dir": self.log_dir, "update_freq": self.update_freq,
                        "histogram_freq": self.histogram_freq},
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "started": self._run_started,
         })
-        self._run_written = time.monotonic()
-        self._write_run(force=True)  # a readable run from the start, with no step yet
 
     def _write_run(self, force):
         """Rewrites the norms and the History in `run_dir` (now, or when the interval is up)."""
@@ -509,8 +520,12 @@ class GradNormLogger(keras.callbacks.Callback):
 
             GradientSummaryWriter.check_new(self.log_dir)
         optimizer = self.model.optimizer
+        # On TensorFlow a model not built before fit() creates its variables
+        # in the traced step: the tap binds the recorders there.
+        variables = (None if keras.backend.backend() == "tensorflow" and not self.model.built
+                     else self.model.trainable_variables)
         recorder = GradNormRecorder(
-            self.model.trainable_variables,
+            variables,
             include_biases=self.include_biases,
             capacity=self.flush_every + 2 * self._steps_per_call + 1,
             histogram_freq=self.histogram_freq if self.log_dir and self.is_chief else 0,
@@ -519,14 +534,14 @@ class GradNormLogger(keras.callbacks.Callback):
         applied_recorder = None
         if clipping.clips(optimizer):
             applied_recorder = GradNormRecorder(
-                self.model.trainable_variables,
+                variables,
                 include_biases=self.include_biases,
                 capacity=recorder.capacity,
             )
         update_recorder = None
         if self.update_ratio:
             update_recorder = GradNormRecorder(
-                self.model.trainable_variables,
+                variables,
                 include_biases=self.include_biases,
                 capacity=recorder.capacity,
             )
@@ -552,6 +567,7 @@ class GradNormLogger(keras.callbacks.Callback):
         self._histograms_published = 0
         self._epoch_history = {}
         self._run_written = None
+        self._describe_when_built = False
         self._first_iteration = int(optimizer.iterations.numpy()) if optimizer is not None else 0
         if self.run_dir is not None and self.is_chief:
             self._start_run()
@@ -590,6 +606,8 @@ class GradNormLogger(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self.flush()
+        if self._describe_when_built and self.model.built:
+            self._describe_model()
         norms = self.norms
         start = self.epoch_end_steps[-1] if self.epoch_end_steps else 0
         self.epoch_end_steps.append(len(norms))

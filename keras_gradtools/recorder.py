@@ -48,7 +48,9 @@ class GradNormRecorder:
 
     Args:
         variables: the variables whose gradients may be recorded, e.g.
-            `model.trainable_variables`.
+            `model.trainable_variables`; on TensorFlow also `None`, for
+            variables fixed at the first step by `bind` (a model built in
+            its traced train step).
         include_biases: whether biases are recorded. Defaults to `False`.
         capacity: rows in the ring buffer. Defaults to `4096`.
         histogram_freq: also bucket each gradient's values every this many
@@ -85,17 +87,19 @@ class GradNormRecorder:
             )
         self.include_biases = include_biases
         self.capacity = capacity
-        self.variables = norms_lib.select_variables(variables, include_biases)
-        self.keys = norms_lib.unique_keys(self.variables)
-        self._index = {}
-        for i, variable in enumerate(self.variables):
-            for handle in internals.variable_handles(variable):
-                self._index[id(handle)] = i
-        width = max(len(self.variables), 1)
         self.histogram_freq = int(histogram_freq or 0)
         self.histogram_buckets = int(histogram_buckets)
         self._tf = keras.backend.backend() == "tensorflow"
         self._torch = keras.backend.backend() == "torch"
+        self.bound = variables is not None
+        if not self.bound and not self._tf:
+            raise ValueError(
+                "`variables=None` (bound at the first step) is for TensorFlow, where a model "
+                "that is not built before fit() creates its variables in the traced step. "
+                f"Received: variables=None on {keras.backend.backend()!r}"
+            )
+        self._set_variables(variables or [])
+        width = max(len(self.variables), 1)
         if not self._tf:
             # One column per variable, then the step's "skipped" flag.
             self._buffer = keras.Variable(np.zeros((capacity, width + 1), "float32"),
@@ -112,19 +116,58 @@ class GradNormRecorder:
                                                   name="gradtools_histogram_steps")
             self.reset()
             return
-        self._buffer = internals.local_variable(tf.zeros([capacity, width + 1], tf.float32),
-                                                "gradtools_norms")
         self._count = internals.local_variable(tf.constant(0, tf.int64), "gradtools_count")
+        self._tf_buffers(width)
         if self.histogram_freq:
-            slots = capacity // self.histogram_freq + 2
-            self._hist = internals.local_variable(
-                tf.zeros([slots, width, self.histogram_buckets, 3], tf.float32),
-                "gradtools_histograms",
-            )
             self._hist_steps = internals.local_variable(
-                tf.fill([slots], tf.constant(-1, tf.int64)), "gradtools_histogram_steps"
+                tf.fill([capacity // self.histogram_freq + 2], tf.constant(-1, tf.int64)),
+                "gradtools_histogram_steps"
             )
         self.reset()
+
+    def _set_variables(self, variables):
+        self.variables = norms_lib.select_variables(variables, self.include_biases)
+        self.keys = norms_lib.unique_keys(self.variables)
+        self._index = {}
+        for i, variable in enumerate(self.variables):
+            for handle in internals.variable_handles(variable):
+                self._index[id(handle)] = i
+
+    def _tf_buffers(self, width):
+        """TensorFlow: the norm (and histogram) buffers for `width` variables."""
+        # NumPy initial values: this may run inside a trace (`bind`).
+        self._buffer = internals.local_variable(
+            np.zeros([self.capacity, width + 1], "float32"), "gradtools_norms")
+        if self.histogram_freq:
+            self._hist = internals.local_variable(
+                np.zeros([self.capacity // self.histogram_freq + 2, width,
+                          self.histogram_buckets, 3], "float32"),
+                "gradtools_histograms",
+            )
+
+    def bind(self, variables):
+        """Fixes the recorded variables of a recorder made with `variables=None`.
+
+        TensorFlow only: a model that is not built when `fit()` starts
+        (a subclassed model never called, a `Sequential` without an `Input`)
+        creates its variables while its train step is traced; the tap
+        binds its recorders there, before the first step's norms. No-op on
+        a bound recorder.
+
+        Args:
+            variables: the variables whose gradients may be recorded.
+
+        Returns:
+            `None`.
+        """
+        if self.bound:
+            return
+        self.bound = True
+        self._set_variables(variables)
+        # Created outside the trace (`internals.local_variable`); no step
+        # has been written yet, so nothing recorded is lost.
+        self._tf_buffers(max(len(self.variables), 1))
+        self._store = _RowStore(len(self.keys))
 
     def reset(self):
         """Forgets everything recorded; the step counter restarts at 0.

@@ -198,6 +198,9 @@ class GradientTap:
         else:
             trainable_variables = list(trainable_variables)
             variables = trainable_variables
+        for recorder in self.recorders + self.applied_recorders + self.update_recorders:
+            # A model built in its traced step (TensorFlow): its variables now exist.
+            recorder.bind(variables)
         scale = clipping.loss_scale_of(self.apply_target)
         # The norms are taken first and each variable's update is ordered
         # after its gradient's norm (see `ordered_after`); they are written

@@ -325,6 +325,75 @@ def test_frozen_and_unused_variables_do_not_crash():
     assert logger.keys == ["mlp/h2/kernel", "mlp/out/kernel"]
 
 
+class _Unbuilt(keras.Model):
+    """Built by its first call: under fit() on TensorFlow, inside the traced step."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        init = lambda seed: keras.initializers.GlorotUniform(seed=seed)
+        self.first = keras.layers.Dense(5, activation="relu", name="first",
+                                        kernel_initializer=init(11))
+        self.second = keras.layers.Dense(3, activation="softmax", name="second",
+                                         kernel_initializer=init(12))
+
+    def call(self, x):
+        return self.second(self.first(x))
+
+
+def _unbuilt_sequential():
+    init = lambda seed: keras.initializers.GlorotUniform(seed=seed)
+    return keras.Sequential([
+        keras.layers.Dense(5, activation="tanh", name="h", kernel_initializer=init(13)),
+        keras.layers.Dense(3, activation="softmax", name="out", kernel_initializer=init(14)),
+    ], name="late")
+
+
+@pytest.mark.parametrize("build", [lambda: _Unbuilt(name="sub"), _unbuilt_sequential],
+                         ids=["subclassed", "sequential_without_input"])
+def test_model_built_inside_fit_is_recorded_every_step(build, tmp_path):
+    # Such a model has no variables when fit() starts (TensorFlow builds it
+    # while tracing the train step); its recording must be the same as for
+    # a built one, TensorBoard histograms, applied norms and run files included.
+    x, y = _classification_data()
+    lr, loss_fn = 0.05, keras.losses.SparseCategoricalCrossentropy()
+    model = build()
+    assert not model.built and not model.trainable_variables
+    model.compile(optimizer=keras.optimizers.SGD(lr, clipnorm=0.05), loss=loss_fn)
+    logger = GradNormLogger(log_dir=str(tmp_path / "tb"), histogram_freq=2,
+                            run_dir=str(tmp_path / "run"), update_ratio=True)
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[logger])
+    # The seeded initializers give the reference, built eagerly, the same
+    # weights; it takes the same clipped SGD steps in a GradientTape loop.
+    reference = build()
+    reference(x[:1])
+    keys = logger.keys
+    assert keys == [v.path for v in reference.trainable_variables if v.name == "kernel"]
+    expected, optimizer = [], keras.optimizers.SGD(lr, clipnorm=0.05)
+    for xb, yb in _batches(x, y, 8):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(yb, reference(xb, training=True))
+        grads = tape.gradient(loss, reference.trainable_variables)
+        named = dict(zip([v.path for v in reference.trainable_variables], grads))
+        expected.append([np.linalg.norm(np.asarray(named[k], np.float64)) for k in keys])
+        optimizer.apply(grads, reference.trainable_variables)
+    np.testing.assert_allclose(logger.norms, np.array(expected), rtol=RTOL)
+    assert np.any(np.array(expected) > 0.05)  # clipping engaged
+    applied = np.column_stack([logger.applied_history[k] for k in keys])
+    np.testing.assert_allclose(applied, np.minimum(np.array(expected), 0.05), rtol=RTOL)
+    for got, want in zip(model.get_weights(), reference.get_weights()):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    assert logger.update_ratios[keys[0]].shape == (4,)
+    assert [step for step, _ in logger.recorder.histograms()] == [0, 2]
+    from keras_gradtools import runs
+    run = runs.load_run(str(tmp_path / "run"))
+    assert run.keys == keys
+    # Described as built once it is: the summary counts its weights, the facts
+    # (what `gradtools diagnose` fits its advice to) list its activations.
+    assert "Trainable params: 53 " in (tmp_path / "run" / "model_summary.txt").read_text()
+    assert list(run.config["model_facts"]["activations"].values()) == [
+        "relu" if keys[0].startswith("sub/") else "tanh", "softmax"]
+
+
 # ---------------------------------------------------------------------------
 # History, global norm, epochs
 # ---------------------------------------------------------------------------
