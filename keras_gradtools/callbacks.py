@@ -63,6 +63,9 @@ class GradNormLogger(keras.callbacks.Callback):
       it (a long run of skips is reported: see `diagnose.nonfinite_rule`).
     - The norms are pre-clipping: they are the gradients the optimizer
       receives, before its own `clipnorm`/`clipvalue`/`global_clipnorm`.
+    - With the optimizer's `gradient_accumulation_steps=N`, each step's row
+      is that batch's own gradient (what the optimizer receives); the
+      optimizer applies the mean of N such gradients every N steps.
     - A model that is not built when `fit()` starts (a subclassed model
       never called, a `Sequential` without an `Input`) is recorded from its
       first step like any other; its keys are known once that step ran.
@@ -568,7 +571,8 @@ class GradNormLogger(keras.callbacks.Callback):
         self._epoch_history = {}
         self._run_written = None
         self._describe_when_built = False
-        self._first_iteration = int(optimizer.iterations.numpy()) if optimizer is not None else 0
+        self._first_iteration = (int(keras.ops.convert_to_numpy(optimizer.iterations))
+                                 if optimizer is not None else 0)
         if self.run_dir is not None and self.is_chief:
             self._start_run()
         if self.log_dir is not None and self.is_chief:

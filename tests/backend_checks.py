@@ -19,6 +19,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from keras_gradtools import GradNormLogger, GradientMonitor  # noqa: E402
+from numpy_references import gradient_accumulation  # noqa: E402
 
 BACKEND = keras.backend.backend()
 BATCH = 8
@@ -392,6 +393,7 @@ def main(tmp):
         _compare("embedding", _embedding, ids, y),
     ]}
     result["models"].append(_compare("custom_train_step", _CustomStep, x6, y))
+    result["gradient_accumulation"] = gradient_accumulation()
     if BACKEND == "jax":  # Keras' PyTorch trainer takes steps_per_execution=1 only
         result["steps_per_execution"] = _steps_per_execution(x6, y)
     else:

@@ -59,6 +59,11 @@ def test_every_step_equals_the_backends_own_gradient(checked):
         assert model["max_rel"] <= 1e-5, model
         # The model is left as found: no patch, no variable added to the optimizer.
         assert not model["apply_left"] and model["optimizer_variables_same"], model
+    # gradient_accumulation_steps=2: each step's own batch gradient is recorded (what the
+    # optimizer's apply receives), against NumPy; the weights follow the accumulated SGD.
+    accumulation = result["gradient_accumulation"]
+    assert accumulation["steps"] == 4 and accumulation["max_rel"] <= 1e-5, accumulation
+    assert accumulation["weights_max_abs"] <= 1e-6, accumulation
     if backend == "jax":  # Keras' PyTorch trainer refuses steps_per_execution > 1 itself
         spe = result["steps_per_execution"]
         assert spe["steps"] == 4 and spe["max_rel"] <= 1e-5, spe

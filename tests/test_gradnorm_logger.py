@@ -394,6 +394,16 @@ def test_model_built_inside_fit_is_recorded_every_step(build, tmp_path):
         "relu" if keys[0].startswith("sub/") else "tanh", "softmax"]
 
 
+def test_gradient_accumulation_records_each_batch_gradient():
+    # The optimizer receives every batch's gradient and applies their mean
+    # every 2 steps; the logger records what it receives (NumPy reference).
+    from numpy_references import gradient_accumulation
+
+    result = gradient_accumulation()
+    assert result["steps"] == 4 and result["max_rel"] <= RTOL, result
+    assert result["weights_max_abs"] <= 1e-6, result
+
+
 # ---------------------------------------------------------------------------
 # History, global norm, epochs
 # ---------------------------------------------------------------------------
