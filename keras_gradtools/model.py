@@ -72,6 +72,7 @@ class GradNormModel(keras.Model):
         variables = list(variables)
         shared = {}
         for recorder in self.gradtools_recorders:
+            recorder.bind(variables)  # a model built by this trace (TensorFlow)
             recorder.write(recorder.step_norms(gradients, variables, scale, shared))
         return ordered_after(shared, gradients)
 

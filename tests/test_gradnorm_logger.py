@@ -394,6 +394,23 @@ def test_model_built_inside_fit_is_recorded_every_step(build, tmp_path):
         "relu" if keys[0].startswith("sub/") else "tanh", "softmax"]
 
 
+def test_gradnorm_model_built_inside_fit_records_in_its_own_step():
+    class _UnbuiltRecording(_Unbuilt, GradNormModel):
+        pass
+
+    x, y = _classification_data()
+    lr, loss_fn = 0.05, keras.losses.SparseCategoricalCrossentropy()
+    model = _UnbuiltRecording(name="sub")
+    model.compile(optimizer=keras.optimizers.SGD(lr), loss=loss_fn)
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    logger = model.grad_norm_logger
+    reference = _Unbuilt(name="sub")  # the same seeded initial weights
+    reference(x[:1])
+    assert logger.keys == ["sub/first/kernel", "sub/second/kernel"]
+    expected = _reference_norms(reference, loss_fn, _batches(x, y, 8), logger.keys, lr)
+    np.testing.assert_allclose(logger.norms, expected, rtol=RTOL)
+
+
 def test_gradient_accumulation_records_each_batch_gradient():
     # The optimizer receives every batch's gradient and applies their mean
     # every 2 steps; the logger records what it receives (NumPy reference).
