@@ -505,7 +505,7 @@ def instrument_model(model, recorders, applied_recorders=(), update_recorders=()
 
     Raises:
         ValueError: if the model has no optimizer, or Keras runs on a backend
-            other than TensorFlow.
+            (or under a `keras.distribution`) that `check_backend` refuses.
     """
     check_backend()
     recorders = list(recorders)
