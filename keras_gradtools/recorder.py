@@ -41,10 +41,12 @@ class GradNormRecorder:
 
     The recorder is not tracked by any model: it is never saved with one.
     On TensorFlow the buffer is a TF variable written in the compiled step
-    (also under `tf.distribute`); on JAX and PyTorch it is a pair of Keras
-    variables written with `keras.ops` (`device_variables`: on JAX they
-    must be part of the optimizer's state while training, which
-    `GradNormLogger` arranges).
+    (also under `tf.distribute`); on JAX it is a pair of Keras variables,
+    the buffer and a step counter, written with `keras.ops`
+    (`device_variables`: they must be part of the optimizer's state while
+    training, which `GradNormLogger` arranges); on PyTorch, whose train step
+    runs eagerly, a Keras variable written in place, the step count kept on
+    the host.
 
     Args:
         variables: the variables whose gradients may be recorded, e.g.
@@ -104,8 +106,9 @@ class GradNormRecorder:
             # One column per variable, then the step's "skipped" flag.
             self._buffer = keras.Variable(np.zeros((capacity, width + 1), "float32"),
                                           trainable=False, name="gradtools_norms")
-            self._count = keras.Variable(0, dtype="int32", trainable=False,
-                                         name="gradtools_count")
+            # PyTorch keeps the step count on the host (see `_torch_write`).
+            self._count = None if self._torch else keras.Variable(
+                0, dtype="int32", trainable=False, name="gradtools_count")
             if self.histogram_freq:
                 slots = capacity // self.histogram_freq + 2
                 self._hist = keras.Variable(
@@ -175,7 +178,10 @@ class GradNormRecorder:
         Returns:
             `None`.
         """
-        self._count.assign(0)
+        if self._torch:
+            self._torch_count = 0
+        else:
+            self._count.assign(0)
         if self.histogram_freq:
             self._hist_steps.assign(np.full(self._hist_steps.shape, -1,
                                             "int64" if self._tf else "int32"))
@@ -194,9 +200,10 @@ class GradNormRecorder:
     @property
     def device_variables(self):
         """The variables the train step writes (JAX: to carry in the optimizer's state)."""
+        counted = [self._buffer] + ([] if self._count is None else [self._count])
         if self.histogram_freq:
-            return [self._buffer, self._count, self._hist, self._hist_steps]
-        return [self._buffer, self._count]
+            return counted + [self._hist, self._hist_steps]
+        return counted
 
     # ------------------------------------------------------------------
     # Device side: called inside the train step
@@ -297,7 +304,8 @@ class GradNormRecorder:
 
     def _ops_write_histograms(self, slots, scale):
         """`_write_histograms` with `keras.ops`: computed on the histogram steps only."""
-        step = self._count.value
+        step = (ops.convert_to_tensor(self._torch_count, "int32") if self._torch
+                else self._count.value)
         hist, hist_steps = self._hist.value, self._hist_steps.value
 
         def write():
@@ -342,20 +350,26 @@ class GradNormRecorder:
         return norms
 
     def _torch_write(self, norms, skipped):
-        """PyTorch: the row written in place, at a position read on the device (no sync)."""
+        """PyTorch: the row written in place, at the host's step count.
+
+        PyTorch's train step runs eagerly, each write called from the host
+        in step order: the count is a Python int (`_torch_count`), and a
+        row is two in-place copies into views of the buffer (no sync, no
+        index arithmetic on the device, one kernel each on a GPU).
+        """
         import torch
 
-        buffer, count = self._buffer.value, self._count.value
+        row = self._buffer.value[self._torch_count % self.capacity]
         with torch.no_grad():
-            norms = torch.as_tensor(norms, dtype=torch.float32, device=buffer.device)
-            if not self.variables:
-                norms = torch.zeros((1,), dtype=torch.float32, device=buffer.device)
-            flag = (torch.zeros((1,), dtype=torch.float32, device=buffer.device)
-                    if skipped is None else
-                    ops.convert_to_tensor(skipped).to(torch.float32).reshape(1))
-            row = torch.remainder(count, self.capacity).long().reshape(1)
-            buffer.index_copy_(0, row, torch.cat([norms.reshape(-1), flag]).reshape(1, -1))
-            count.add_(1)
+            if self.variables:
+                row[:-1].copy_(norms)
+            else:
+                row[:-1].zero_()
+            if skipped is None:
+                row[-1].zero_()
+            else:
+                row[-1].copy_(ops.convert_to_tensor(skipped))
+        self._torch_count += 1
 
     def write(self, norms, skipped=None):
         """Writes an already computed norm vector as the next step's row.
@@ -446,6 +460,8 @@ class GradNormRecorder:
         return ops.convert_to_numpy(self.read_values([variable])[0])
 
     def _device_count(self):
+        if self._torch:
+            return self._torch_count
         return int(self._device_values(self._count))
 
     def _device_buffer(self):
