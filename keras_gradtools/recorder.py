@@ -457,7 +457,10 @@ class GradNormRecorder:
     def _device_values(self, variable):
         if self._tf:
             return variable.numpy()
-        return ops.convert_to_numpy(self.read_values([variable])[0])
+        value = self.read_values([variable])[0]
+        if self._torch:  # torch's own copy (NumPy 2 warns on np.array of a torch tensor)
+            return value.detach().cpu().numpy()
+        return ops.convert_to_numpy(value)
 
     def _device_count(self):
         if self._torch:
