@@ -9,7 +9,10 @@ GPU when there is one):
 - `per_tensor`: `torch.linalg.vector_norm(g, dtype=float32)` per tensor (the
   recorder before 2026-11-26, night): one dispatch and one kernel each;
 - `torch_norms`: `keras_gradtools.internals.torch_norms` (the recorder now):
-  one call for all, a multi-tensor kernel on a GPU.
+  one call for all, a multi-tensor kernel on a GPU;
+- `dot`: `sqrt(dot(g, g))` per tensor (BLAS's `sdot` on a CPU), and
+  `sum_square`: `sqrt(sum(g * g))` per tensor (a product written out, then
+  summed): other ways to read each tensor once, for comparison.
 
 Prints microseconds per call (median of `--reps` interleaved runs of
 `--calls` calls, synchronized with the device at the end of each run).
@@ -36,7 +39,16 @@ def _torch_norms(gs):
     return torch.stack(internals.torch_norms(gs))
 
 
-VARIANTS = {"per_tensor": _per_tensor, "torch_norms": _torch_norms}
+def _dot(gs):
+    return torch.stack([torch.dot(g.reshape(-1), g.reshape(-1)) for g in gs]).sqrt()
+
+
+def _sum_square(gs):
+    return torch.stack([(g * g).sum() for g in gs]).sqrt()
+
+
+VARIANTS = {"per_tensor": _per_tensor, "torch_norms": _torch_norms, "dot": _dot,
+            "sum_square": _sum_square}
 
 
 def _sync(device):
