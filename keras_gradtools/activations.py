@@ -224,6 +224,10 @@ class ActivationProbe:
             self._watched = None  # known at the first call
             self.names = []
             return
+        if isinstance(model, keras.Sequential) and not model.built:
+            # A Sequential without an `Input` (which fit() on TensorFlow builds
+            # only in its traced step): built here, on the probe batch.
+            model(data, training=False)
         inputs = getattr(model, "inputs", None) if _is_graph(model) else None
         if not inputs:
             raise ValueError(

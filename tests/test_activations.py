@@ -149,6 +149,32 @@ def test_bad_probe_data_is_refused_when_the_logger_is_made():
 # --- during fit(): probes and update ratios --------------------------------------
 
 
+def test_probe_builds_a_sequential_without_input_before_fit_does():
+    # fit() on TensorFlow builds such a model only in its traced step; the
+    # logger's probe builds it on the probe batch and watches its layers.
+    def build():
+        init = keras.initializers.GlorotUniform
+        return keras.Sequential([
+            keras.layers.Dense(5, activation="sigmoid", name="sig", kernel_initializer=init(1)),
+            keras.layers.Dense(3, activation="softmax", name="out", kernel_initializer=init(2)),
+        ], name="late")
+
+    x, y = _data(32)
+    model = build()
+    model.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy")
+    logger = GradNormLogger(probe_data=x[:16], activation_freq=2)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[logger])
+    assert logger.keys == ["late/sig/kernel", "late/out/kernel"]
+    assert logger.activations.steps == [0, 2]
+    twin = build()  # the same seeded initial weights
+    twin(x[:1])
+    w, b = twin.get_layer("sig").get_weights()
+    a = _sigmoid(x[:16] @ w + b)
+    first = logger.activations.stats[0]["late/sig"]
+    assert first["mean"] == pytest.approx(a.mean(), rel=1e-5)
+    assert first["gain"] == pytest.approx(np.mean(a * (1 - a)), rel=1e-5)
+
+
 class _Kernels(keras.callbacks.Callback):
     """Each recorded kernel's value before step 0 and after every step."""
 
