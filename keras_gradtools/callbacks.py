@@ -571,8 +571,7 @@ class GradNormLogger(keras.callbacks.Callback):
         self._epoch_history = {}
         self._run_written = None
         self._describe_when_built = False
-        self._first_iteration = (int(keras.ops.convert_to_numpy(optimizer.iterations))
-                                 if optimizer is not None else 0)
+        self._first_iteration = _iterations(optimizer)
         if self.run_dir is not None and self.is_chief:
             self._start_run()
         if self.log_dir is not None and self.is_chief:
@@ -652,6 +651,21 @@ class GradNormLogger(keras.callbacks.Callback):
             if self.writer is not None:
                 self.writer.close()
                 self.writer = None
+
+
+def _iterations(optimizer):
+    """The optimizer's `iterations` as an int (0 without one).
+
+    A Keras variable, or with `gradient_accumulation_steps` a tensor of the
+    backend's (a JAX array has no `.numpy()`): read with `int()` of the
+    backend's value (NumPy 2 warns on `np.array` of a Keras variable).
+    """
+    if optimizer is None:
+        return 0
+    iterations = optimizer.iterations
+    if isinstance(iterations, keras.Variable):
+        iterations = iterations.value
+    return int(iterations)
 
 
 def _check_probe_data(data):
