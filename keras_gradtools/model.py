@@ -26,6 +26,13 @@ class GradNormModel(keras.Model):
     `fit()` attaches a `GradNormLogger` when none is given, so that the
     norms are always read; it is kept as `model.grad_norm_logger`.
 
+    Keras' limit, as for any `keras.Model` subclass used both ways: once
+    `GradNormModel(inputs, outputs)` (or a subclass's) has been made in a
+    process, Keras has put `Functional` among the class's bases, and a
+    model subclassed from it can no longer be made there (`TypeError:
+    Functional.__init__() missing 2 required positional arguments`). Use
+    one of the two ways per process.
+
     Example:
 
     >>> import keras, numpy as np
