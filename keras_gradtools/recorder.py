@@ -362,7 +362,7 @@ class GradNormRecorder:
         row = self._buffer.value[self._torch_count % self.capacity]
         with torch.no_grad():
             if self.variables:
-                row[:-1].copy_(norms)
+                row[:-1].copy_(torch.as_tensor(norms))
             else:
                 row[:-1].zero_()
             if skipped is None:
