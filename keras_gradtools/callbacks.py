@@ -657,13 +657,18 @@ def _iterations(optimizer):
     """The optimizer's `iterations` as an int (0 without one).
 
     A Keras variable, or with `gradient_accumulation_steps` a tensor of the
-    backend's (a JAX array has no `.numpy()`): read with `int()` of the
-    backend's value (NumPy 2 warns on `np.array` of a Keras variable).
+    backend's (a JAX array has no `.numpy()`). A variable is read with its
+    own `numpy()` on TensorFlow (its value may be a `tf.distribute` mirrored
+    variable, which `int()` refuses) and with `int()` of its value on JAX
+    and PyTorch (their `numpy()` goes through `np.array`, which NumPy 2 warns
+    about).
     """
     if optimizer is None:
         return 0
     iterations = optimizer.iterations
     if isinstance(iterations, keras.Variable):
+        if keras.backend.backend() == "tensorflow":
+            return int(iterations.numpy())
         iterations = iterations.value
     return int(iterations)
 
@@ -700,7 +705,8 @@ _SUPPORTED_STRATEGIES = ("MirroredStrategy", "MultiWorkerMirroredStrategy",
 
 
 def _check_strategy(strategy, optimizer):
-    """Refuses strategies whose all-reduce the logger cannot see; warns on per-replica clipping."""
+    """Refuses strategies whose all-reduce the logger cannot see, and gradient accumulation
+    (which Keras' trainer cannot run there); warns on per-replica clipping."""
     name = type(strategy).__name__
     if name not in _SUPPORTED_STRATEGIES:
         raise ValueError(
@@ -709,7 +715,19 @@ def _check_strategy(strategy, optimizer):
             f"{name}. Received: strategy={name} with "
             f"{strategy.num_replicas_in_sync} replicas"
         )
-    own = list(clipping.layout(optimizer).keras_clipping)
+    layout = clipping.layout(optimizer)
+    accumulation = (getattr(optimizer, "gradient_accumulation_steps", None)
+                    or getattr(layout.base, "gradient_accumulation_steps", None))
+    if accumulation:
+        raise ValueError(
+            "Keras' TensorFlow trainer cannot apply `gradient_accumulation_steps` under "
+            f"{name} with {strategy.num_replicas_in_sync} replicas: the optimizer's "
+            "all-reduce would run inside a conditional, where tf.distribute refuses it "
+            "(fit() fails the same way without keras_gradtools). Train on one replica, or "
+            "without gradient accumulation. Received: "
+            f"gradient_accumulation_steps={accumulation}"
+        )
+    own = list(layout.keras_clipping)
     if own:
         warnings.warn(
             f"Under {name} with {strategy.num_replicas_in_sync} replicas, Keras applies "

@@ -275,6 +275,23 @@ def keras_clipping_warning_scenario():
     return [str(w.message) for w in caught if "GradNormLogger" in str(w.message)]
 
 
+def accumulation_refused_scenario():
+    """gradient_accumulation_steps under the strategy: refused before the first step."""
+    with STRATEGY.scope():
+        model = _mlp()
+        model.compile(keras.optimizers.SGD(0.1, gradient_accumulation_steps=2), CE)
+    weights = [w.copy() for w in model.get_weights()]
+    try:
+        model.fit(np.ones((32, 6), "float32"), np.zeros(32, "int32"), batch_size=16,
+                  verbose=0, callbacks=[GradNormLogger()])
+    except ValueError as error:
+        message = str(error)
+    else:
+        message = None
+    return {"message": message, "untouched": all(
+        np.array_equal(a, b) for a, b in zip(weights, model.get_weights()))}
+
+
 def mixed_precision_scenario(samples=640):
     """A loss scale far too high: the loss-scale optimizer skips steps and halves it."""
     keras.mixed_precision.set_global_policy("mixed_float16")
@@ -346,6 +363,7 @@ SCENARIOS = {
     "monitor": monitor_scenario,
     "clipping": clipping_scenario,
     "keras_clipping_warning": keras_clipping_warning_scenario,
+    "accumulation_refused": accumulation_refused_scenario,
     "mixed_precision": mixed_precision_scenario,
     "loss_scale_replica": loss_scale_replica_scenario,
 }

@@ -114,6 +114,14 @@ def test_keras_own_clipping_under_replicas_warns(results):
     assert "global_clipnorm to each replica's share" in messages[0]
 
 
+def test_gradient_accumulation_is_refused_before_training(results):
+    # Keras' TF trainer cannot all-reduce inside the accumulation's conditional (plain
+    # fit() fails too): refused with a ValueError before any step, the weights untouched.
+    r = results["accumulation_refused"]
+    assert r["message"] and "gradient_accumulation_steps=2" in r["message"], r
+    assert r["untouched"], r
+
+
 def test_mixed_precision_skipped_steps_are_recorded_not_judged(results):
     r = results["mixed_precision"]
     for run in (r["single"], r["mirrored"]):
