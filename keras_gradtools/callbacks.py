@@ -657,20 +657,18 @@ def _iterations(optimizer):
     """The optimizer's `iterations` as an int (0 without one).
 
     A Keras variable, or with `gradient_accumulation_steps` a tensor of the
-    backend's (a JAX array has no `.numpy()`). A variable is read with its
-    own `numpy()` on TensorFlow (its value may be a `tf.distribute` mirrored
-    variable, which `int()` refuses) and with `int()` of its value on JAX
-    and PyTorch (their `numpy()` goes through `np.array`, which NumPy 2 warns
-    about).
+    backend's (a JAX array has no `.numpy()`). On TensorFlow both have
+    `numpy()` (a variable's value may be a `tf.distribute` mirrored variable,
+    which `int()` refuses); on JAX and PyTorch it is `int()` of the
+    variable's value, or of the tensor (a variable's `numpy()` goes through
+    `np.array` there, which NumPy 2 warns about).
     """
     if optimizer is None:
         return 0
     iterations = optimizer.iterations
-    if isinstance(iterations, keras.Variable):
-        if keras.backend.backend() == "tensorflow":
-            return int(iterations.numpy())
-        iterations = iterations.value
-    return int(iterations)
+    if keras.backend.backend() == "tensorflow":
+        return int(iterations.numpy())
+    return int(getattr(iterations, "value", iterations))
 
 
 def _check_probe_data(data):
