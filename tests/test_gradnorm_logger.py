@@ -6,6 +6,8 @@ import keras
 import tensorflow as tf
 
 from keras_gradtools import GradNormLogger, GradNormModel, GradNormRecorder
+from keras_gradtools.runs import load_run
+from numpy_references import gradient_accumulation
 
 RTOL = 1e-5
 
@@ -384,8 +386,7 @@ def test_model_built_inside_fit_is_recorded_every_step(build, tmp_path):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
     assert logger.update_ratios[keys[0]].shape == (4,)
     assert [step for step, _ in logger.recorder.histograms()] == [0, 2]
-    from keras_gradtools import runs
-    run = runs.load_run(str(tmp_path / "run"))
+    run = load_run(str(tmp_path / "run"))
     assert run.keys == keys
     # Described as built once it is: the summary counts its weights, the facts
     # (what `gradtools diagnose` fits its advice to) list its activations.
@@ -429,8 +430,6 @@ def test_gradnorm_model_built_inside_fit_records_in_its_own_step(subclassable_gr
 def test_gradient_accumulation_records_each_batch_gradient():
     # The optimizer receives every batch's gradient and applies their mean
     # every 2 steps; the logger records what it receives (NumPy reference).
-    from numpy_references import gradient_accumulation
-
     result = gradient_accumulation()
     assert result["steps"] == 4 and result["max_rel"] <= RTOL, result
     assert result["weights_max_abs"] <= 1e-6, result
