@@ -23,6 +23,7 @@ Contact points (tested on Keras 3.3.3 / TF 2.16.2 and Keras 3.15.1 / TF
 | `tensorflow.python.ops.resource_variable_ops.ResourceVariable` (`local_variable`) | the ring buffer: a plain variable even inside `strategy.scope()` (written by one replica per worker) | none: `tf.Variable` inside a scope becomes a distributed variable |
 | `model.train_function`, replaced for the duration of `fit()` (`set_train_function`) | the logger rebuilds the train function with the tap in it, and puts the old one back | a public attribute, but Keras does not document replacing it |
 | `optimizer._variables`, extended for the duration of `fit()` on JAX (`adopt_variables`, `release_variables`; the inner optimizer's under a `LossScaleOptimizer`) | JAX's train step is a pure function of the state Keras passes in: a ring buffer written inside it survives only as part of that state, and the optimizer's variables are | none |
+| `optimizer.save_own_variables` / `load_own_variables`, replaced on the instance while variables are adopted (`adopt_variables`) | a checkpoint saved during a JAX `fit()` (`ModelCheckpoint`, `BackupAndRestore`) must hold the optimizer's own variables only, and load into an optimizer that holds the adopted ones: else Keras skips the whole optimizer state on load (a count mismatch) | none (public methods; replaced, not called privately) |
 | `model._jax_state`, `model._jax_state_synced` (`live_values`) | during a JAX epoch the variables' own values are purged; the current ones live in the trainer's state | `model.jax_state_sync()` (public), which writes every variable back: too costly every few hundred steps |
 | `torch._foreach_norm`, where torch lacks the public `torch.foreach.norm` (`torch_norms`) | PyTorch: every gradient's norm in one call (one multi-tensor kernel on a GPU) instead of one eager dispatch per variable | `torch.foreach.norm` (beta, newer torch: used when present); `torch.linalg.vector_norm` per tensor (used when neither exists) |
 
@@ -33,6 +34,7 @@ the last one exits. Nothing here changes a user's object for good.
 """
 
 import threading
+import weakref
 
 import keras
 
@@ -222,16 +224,49 @@ def set_train_function(model, function):
 # ----------------------------------------------------------------------
 
 
+_ADOPTED = weakref.WeakKeyDictionary()  # optimizer -> the variables adopted into its state
+
+
 def adopt_variables(optimizer, variables):
-    """Makes `variables` part of the optimizer's state (JAX: carried through the train step)."""
+    """Makes `variables` part of the optimizer's state (JAX: carried through the train step).
+
+    While any are adopted, the optimizer saves and loads its own variables
+    only: a checkpoint written during `fit()` has the optimizer's usual
+    layout, and one loaded during `fit()` (`BackupAndRestore`) fills them.
+    """
     present = {id(v) for v in optimizer._variables}
     optimizer._variables.extend(v for v in variables if id(v) not in present)
+    adopted = _ADOPTED.setdefault(optimizer, [])
+    adopted.extend(v for v in variables if all(v is not a for a in adopted))
+    if "save_own_variables" not in vars(optimizer):
+        optimizer.save_own_variables = _without_adopted(optimizer, optimizer.save_own_variables)
+        optimizer.load_own_variables = _without_adopted(optimizer, optimizer.load_own_variables)
 
 
 def release_variables(optimizer, variables):
     """Takes `variables` out of the optimizer's state again (see `adopt_variables`)."""
     gone = {id(v) for v in variables}
     optimizer._variables[:] = [v for v in optimizer._variables if id(v) not in gone]
+    adopted = [v for v in _ADOPTED.get(optimizer, ()) if id(v) not in gone]
+    if adopted:
+        _ADOPTED[optimizer] = adopted
+        return
+    _ADOPTED.pop(optimizer, None)
+    for name in ("save_own_variables", "load_own_variables"):
+        vars(optimizer).pop(name, None)
+
+
+def _without_adopted(optimizer, method):
+    """`method(store)` run with the adopted variables out of `optimizer._variables`."""
+    def call(store):
+        adopted = {id(v) for v in _ADOPTED.get(optimizer, ())}
+        every = optimizer._variables[:]
+        optimizer._variables[:] = [v for v in every if id(v) not in adopted]
+        try:
+            return method(store)
+        finally:
+            optimizer._variables[:] = every
+    return call
 
 
 def live_values(model, variables):

@@ -11,6 +11,7 @@ same batch, and compared with what the logger recorded.
 import json
 import os
 import sys
+import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.modules["tensorflow"] = None  # the backends must run without TensorFlow
@@ -96,7 +97,8 @@ def _compare(name, build, x, y, loss="sparse_categorical_crossentropy", steps=4,
         # Nothing patched is left on the optimizer or (loss scaling) its inner one.
         "apply_left": any(name in vars(opt) for opt in (
             model.optimizer, getattr(model.optimizer, "inner_optimizer", model.optimizer))
-            for name in ("apply", "_stateless_handle_non_finite_grads")),
+            for name in ("apply", "_stateless_handle_non_finite_grads", "save_own_variables",
+                         "load_own_variables")),
         "optimizer_variables_same": (
             (variables_before is None or len(model.optimizer.variables) == variables_before)
             and not any("gradtools" in v.name for v in model.optimizer.variables)),
@@ -257,6 +259,60 @@ def _torch_loop(x, y, steps=4):
             "apply_left": "apply" in vars(optimizer)}
 
 
+class _Interrupt(keras.callbacks.Callback):
+    """Stops a run with an error at the end of epoch 1 (after BackupAndRestore's backup)."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 1:
+            raise RuntimeError("interrupted")
+
+
+def _checkpoints(tmp):
+    """Checkpoints written during fit() with the logger: ModelCheckpoint, BackupAndRestore."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(32, 6)).astype("float32"), rng.integers(0, 3, 32)
+
+    def compiled():
+        keras.utils.set_random_seed(0)
+        model = _mlp()
+        model.compile(optimizer=keras.optimizers.Adam(1e-2),
+                      loss="sparse_categorical_crossentropy")
+        return model
+
+    def values(optimizer):
+        return [np.array(keras.ops.convert_to_numpy(v.value)) for v in optimizer.variables]
+
+    model, path = compiled(), os.path.join(tmp, "checkpoint.keras")
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0,
+              callbacks=[GradNormLogger(), keras.callbacks.ModelCheckpoint(path)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = keras.models.load_model(path)
+    backup = os.path.join(tmp, "backup")
+    first, resumed = GradNormLogger(), GradNormLogger()
+    try:
+        compiled().fit(x, y, batch_size=8, epochs=4, verbose=0,
+                       callbacks=[first, keras.callbacks.BackupAndRestore(backup), _Interrupt()])
+    except RuntimeError:
+        pass
+    again = compiled()
+    again.fit(x, y, batch_size=8, epochs=4, verbose=0,
+              callbacks=[resumed, keras.callbacks.BackupAndRestore(backup)])
+    return {
+        "skipping_warnings": [str(w.message) for w in caught if "Skipping" in str(w.message)],
+        "optimizer_equal": len(values(loaded.optimizer)) == len(values(model.optimizer)) and all(
+            np.array_equal(a, b) for a, b in zip(values(loaded.optimizer),
+                                                 values(model.optimizer))),
+        "loaded_iterations": int(keras.ops.convert_to_numpy(loaded.optimizer.iterations.value)),
+        "first_steps": int(len(first.norms)),
+        "resumed_steps": int(len(resumed.norms)),
+        "resumed_epoch_ends": resumed.epoch_end_steps,
+        "resumed_iterations": int(keras.ops.convert_to_numpy(again.optimizer.iterations.value)),
+        "save_left": any(name in vars(opt) for opt in (model.optimizer, again.optimizer)
+                         for name in ("save_own_variables", "load_own_variables")),
+    }
+
+
 def _tools_run(tmp):
     """Logger with TensorBoard and run_dir, and the monitor, on this backend."""
     rng = np.random.default_rng(0)
@@ -411,7 +467,8 @@ def main(tmp):
         result["mixed_float16_skipped"] = _skipped_steps(x6 * 30, y)
     finally:
         keras.mixed_precision.set_global_policy("float32")
-    result.update(tools=_tools_run(tmp), refusals=_refusals(tmp), probe=_probe(tmp))
+    result.update(tools=_tools_run(tmp), refusals=_refusals(tmp), probe=_probe(tmp),
+                  checkpoints=_checkpoints(tmp))
     print("RESULT " + json.dumps(result))
 
 

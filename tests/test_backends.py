@@ -140,6 +140,21 @@ def test_clipping_history_tensorboard_and_run_dir(checked):
     assert {"activation/mlp/h/mean", "activation_hist/mlp/h"} <= set(ea.Tags()["tensors"])
 
 
+def test_checkpoints_written_during_fit_load_whole(checked):
+    # On JAX the recorder's buffers ride in the optimizer's state during fit(); a checkpoint
+    # written then (ModelCheckpoint, BackupAndRestore) must hold the optimizer's own variables
+    # only, else Keras skips the whole optimizer state on load (a count mismatch).
+    _, _, result = checked
+    c = result["checkpoints"]
+    assert c["skipping_warnings"] == [] and c["optimizer_equal"], c
+    assert c["loaded_iterations"] == 8, c  # 2 epochs x 4 steps
+    # Interrupted after epoch 1 (8 steps); resumed at epoch 2: its own 8 steps, no row of the
+    # first run's buffer, and the optimizer's count goes on from the backup.
+    assert c["first_steps"] == 8 and c["resumed_steps"] == 8, c
+    assert c["resumed_epoch_ends"] == [4, 8] and c["resumed_iterations"] == 16, c
+    assert not c["save_left"], c
+
+
 def test_probe_and_cli_check_equal_the_first_train_step(checked):
     """Regularized model with batch norm: one-batch probe == the logger's first step."""
     backend, _, result = checked
