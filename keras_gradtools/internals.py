@@ -27,10 +27,14 @@ Contact points (tested on Keras 3.3.3 / TF 2.16.2 and Keras 3.15.1 / TF
 | `model._jax_state`, `model._jax_state_synced` (`live_values`) | during a JAX epoch the variables' own values are purged; the current ones live in the trainer's state | `model.jax_state_sync()` (public), which writes every variable back: too costly every few hundred steps |
 | `torch._foreach_norm`, where torch lacks the public `torch.foreach.norm` (`torch_norms`) | PyTorch: every gradient's norm in one call (one multi-tensor kernel on a GPU) instead of one eager dispatch per variable | `torch.foreach.norm` (beta, newer torch: used when present); `torch.linalg.vector_norm` per tensor (used when neither exists) |
 
-Every replacement goes through `Patch`: entered and exited the same way,
-reference counted (replicas trace in parallel threads), nested patches of
-one attribute compose in any order, and the object is exactly as found once
-the last one exits. Nothing here changes a user's object for good.
+Every replacement made while a train step is traced goes through `Patch`:
+entered and exited the same way, reference counted (replicas trace in
+parallel threads), nested patches of one attribute compose in any order, and
+the object is exactly as found once the last one exits. The one made for the
+whole of a JAX `fit()` (an optimizer's `save_own_variables` /
+`load_own_variables` while variables are adopted) is set by
+`adopt_variables` and removed by `release_variables` with the last adopted
+variable. Nothing here changes a user's object for good.
 """
 
 import threading
