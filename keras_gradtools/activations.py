@@ -284,12 +284,22 @@ class ActivationProbe:
         """The statistics now: `{layer_path: stats}` (see `layer_stats`), input to output."""
         import keras
 
+        from keras_gradtools import norms as norms_lib
+
         if self.outputs_fn is not None:
             return self._call_fn()
-        outputs = self._probe.predict_on_batch(self.data)
+        if keras.backend.backend() == "torch":
+            # Keras' torch `predict_on_batch` copies through `np.array`, which NumPy 2
+            # answers with a DeprecationWarning on every probe; the same inference call:
+            import torch
+
+            with torch.no_grad():
+                outputs = self._probe(self.data, training=False)
+        else:
+            outputs = self._probe.predict_on_batch(self.data)
         if not isinstance(outputs, (list, tuple)):
             outputs = [outputs]
-        outputs = list(outputs)
+        outputs = [norms_lib.to_numpy(output) for output in outputs]
         stats, self.last_outputs = {}, {}
         for (layer, name, params), path in zip(self._watched, self.names):
             values = np.asarray(outputs.pop(0))
@@ -301,7 +311,7 @@ class ActivationProbe:
         return stats
 
     def _call_fn(self):
-        import keras
+        from keras_gradtools import norms as norms_lib
 
         result = self.outputs_fn(self.model, self.data)
         if not isinstance(result, dict):
@@ -317,7 +327,7 @@ class ActivationProbe:
                     f"`outputs_fn` returned {name!r}, which is not a layer of the model "
                     f"({error})") from None
             found = activation_of(layer) or ("linear", {})
-            value = keras.ops.convert_to_numpy(value)
+            value = norms_lib.to_numpy(value)
             self.last_outputs[_layer_path(layer)] = value
             stats[_layer_path(layer)] = layer_stats(value, *found)
         self.names = list(stats)

@@ -399,7 +399,7 @@ class GradNormLogger(keras.callbacks.Callback):
             "keras_version": keras.__version__,
             "backend": keras.backend.backend(),
             "model": model.name,
-            "optimizer_config": (keras.optimizers.serialize(optimizer)
+            "optimizer_config": (runs.optimizer_config(optimizer)
                                  if optimizer is not None else None),
             "clipping": clipping.describe_clipping(optimizer),
             "model_facts": model_facts(model).to_dict(),

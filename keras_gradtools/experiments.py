@@ -295,7 +295,7 @@ def run_experiment(
     config.update(
         format=runs.FORMAT, model=model.name,
         subset=subset, samples=int(len(x)),
-        optimizer_config=keras.optimizers.serialize(model.optimizer),
+        optimizer_config=runs.optimizer_config(model.optimizer),
         clipping=describe_clipping(model.optimizer),
         model_facts=model_facts(model).to_dict(),
         keras_version=keras.__version__, backend=keras.backend.backend(),

@@ -89,7 +89,7 @@ def model_facts(model):
         base = layout(optimizer).base
         name = f"keras.optimizers.{type(base).__name__}"
         try:  # the current value, also under a schedule
-            learning_rate = float(f"{float(keras.ops.convert_to_numpy(base.learning_rate)):.6g}")
+            learning_rate = float(f"{float(norms_lib.to_numpy(base.learning_rate)):.6g}")
         except (TypeError, ValueError):
             learning_rate = None
     return ModelFacts(activations=activations, normalization=normalization, residual=residual,

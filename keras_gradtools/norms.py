@@ -1,5 +1,5 @@
 """Pure functions: per-variable gradient norms and variable naming (TensorFlow, and
-`squared_norm` on every backend).
+`squared_norm` and `to_numpy` on every backend).
 
 Nothing here holds Keras state: every function takes tensors or variables
 and returns tensors or plain Python values, so it can run inside a compiled
@@ -37,6 +37,35 @@ def variable_key(variable):
     if path:
         return path
     return variable.name.split(":")[0]
+
+
+def to_numpy(value):
+    """Returns a host NumPy copy of a Keras variable or a backend tensor.
+
+    Keras' `Variable.numpy()` and `keras.ops.convert_to_numpy` go through
+    `np.array(x, copy=False)` on some backends, which NumPy 2 answers with a
+    `DeprecationWarning` for JAX and torch tensors. This reads each backend's
+    tensor its own way (TensorFlow `.numpy()`, torch `.detach().cpu().numpy()`,
+    otherwise `np.asarray`), so nothing warns. NumPy arrays and Python numbers
+    pass through `np.asarray`. A torch bfloat16 tensor comes back as float32
+    (NumPy has no bfloat16 of its own).
+
+    Example:
+
+    >>> to_numpy(keras.Variable([1.0, 2.0])).tolist()
+    [1.0, 2.0]
+    """
+    inner = getattr(value, "value", None)
+    if inner is not None and not callable(inner):  # a Keras variable's backend tensor
+        value = inner  # (a tf.Variable's `value` is a method: it has `numpy()` itself)
+    if hasattr(value, "detach"):  # torch
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":
+            value = value.float()
+        return value.numpy()
+    if hasattr(value, "numpy") and not isinstance(value, np.ndarray):  # TensorFlow
+        return value.numpy()
+    return np.asarray(value)
 
 
 def is_bias(variable):

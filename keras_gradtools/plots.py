@@ -159,7 +159,7 @@ def weight_histogram(model, title="Weight distribution per layer", bins=60,
     Returns:
         The `matplotlib.figure.Figure`.
     """
-    from keras_gradtools.norms import select_variables
+    from keras_gradtools.norms import select_variables, to_numpy
 
     variables = select_variables(model.trainable_variables, include_biases)
     n = max(len(variables), 1)
@@ -169,7 +169,7 @@ def weight_histogram(model, title="Weight distribution per layer", bins=60,
     axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
     labels = short_names([v.path for v in variables])
     for ax, variable, label in zip(axes, variables, labels):
-        values = np.asarray(variable.numpy(), dtype=float).ravel()
+        values = np.asarray(to_numpy(variable), dtype=float).ravel()
         ax.hist(values, bins=bins, color="tab:blue")
         ax.set_title(label, fontsize=8)
         ax.tick_params(labelsize=6)

@@ -146,7 +146,7 @@ def _gradient_function(model, variables, training):
         def batch_gradients(xb, yb):
             xb = keras.tree.map_structure(keras.ops.convert_to_tensor, xb)
             yb = keras.tree.map_structure(keras.ops.convert_to_tensor, yb)
-            before = [v.numpy() for v in model.non_trainable_variables]
+            before = [norms_lib.to_numpy(v) for v in model.non_trainable_variables]
             for v in variables:
                 v.value.grad = None
             y_pred = internals.forward(model, xb) if training else model(xb, training=False)

@@ -457,10 +457,7 @@ class GradNormRecorder:
     def _device_values(self, variable):
         if self._tf:
             return variable.numpy()
-        value = self.read_values([variable])[0]
-        if self._torch:  # torch's own copy (NumPy 2 warns on np.array of a torch tensor)
-            return value.detach().cpu().numpy()
-        return ops.convert_to_numpy(value)
+        return norms_lib.to_numpy(self.read_values([variable])[0])
 
     def _device_count(self):
         if self._torch:

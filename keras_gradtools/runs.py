@@ -21,6 +21,7 @@ interrupted leaves every file readable. A run directory is never reused.
 import dataclasses
 import json
 import os
+import warnings
 
 import numpy as np
 
@@ -69,6 +70,20 @@ def write_text(path, text):
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def optimizer_config(optimizer):
+    """`keras.optimizers.serialize(optimizer)`, without the warning NumPy 2 raises in it.
+
+    On JAX and PyTorch Keras' `get_config` copies the learning rate through
+    `np.array(variable)`, which NumPy 2 answers with a `DeprecationWarning`
+    about `__array__`'s `copy` keyword: Keras' own, ignored here.
+    """
+    import keras
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*copy keyword", category=DeprecationWarning)
+        return keras.optimizers.serialize(optimizer)
 
 
 def json_float(value):

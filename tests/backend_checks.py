@@ -8,9 +8,11 @@ with `jax.grad` (JAX) or `loss.backward()` (PyTorch) at those weights, on the
 same batch, and compared with what the logger recorded.
 """
 
+import contextlib
 import json
 import os
 import sys
+import traceback
 import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -20,6 +22,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from keras_gradtools import GradNormLogger, GradientMonitor  # noqa: E402
+from keras_gradtools.norms import to_numpy  # noqa: E402
+from keras_gradtools.plots import plot_run, weight_histogram  # noqa: E402
 from numpy_references import gradient_accumulation  # noqa: E402
 
 BACKEND = keras.backend.backend()
@@ -38,7 +42,7 @@ class _Weights(keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch, logs=None):
         self.before = getattr(self, "before", [])
-        self.before.append([np.array(v.numpy()) for v in self.model.trainable_variables])
+        self.before.append([np.array(to_numpy(v)) for v in self.model.trainable_variables])
 
 
 def _reference(model, weights, x, y, loss_fn):
@@ -313,6 +317,29 @@ def _checkpoints(tmp):
     }
 
 
+@contextlib.contextmanager
+def _copy_warnings_from_keras_gradtools():
+    """Collects NumPy 2's copy DeprecationWarnings raised while keras_gradtools is on the stack.
+
+    NumPy 2 warns when a JAX or torch tensor is copied through `np.array(x, copy=False)`
+    (Keras' `Variable.numpy()`, `convert_to_numpy`, torch `predict_on_batch`). Keras' own
+    fit() raises some on torch; those with no keras_gradtools frame are not collected.
+    Yields a list of `"file:line <- keras_gradtools frame"` strings.
+    """
+    found = []
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        ours = [f"{os.path.basename(f.filename)}:{f.lineno}" for f in traceback.extract_stack()
+                if f"{os.sep}keras_gradtools{os.sep}" in f.filename]
+        if "copy keyword" in str(message) and ours:
+            found.append(f"{os.path.basename(filename)}:{lineno} <- {ours[-1]}")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", DeprecationWarning)
+        warnings.showwarning = show
+        yield found
+
+
 def _tools_run(tmp):
     """Logger with TensorBoard and run_dir, and the monitor, on this backend."""
     rng = np.random.default_rng(0)
@@ -326,8 +353,12 @@ def _tools_run(tmp):
                             probe_data=x[:16], activation_freq=5, update_ratio=True)
     monitor = GradientMonitor(logger, check_every=4, verbose=0)
     weights = _Weights()
-    history = model.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False,
-                        callbacks=[logger, monitor, weights])
+    with _copy_warnings_from_keras_gradtools() as copy_warnings:
+        history = model.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False,
+                            callbacks=[logger, monitor, weights])
+        logger.save(os.path.join(tmp, "norms.csv"))
+        plot_run(os.path.join(tmp, "run"), os.path.join(tmp, "figures"))
+        weight_histogram(model, path=os.path.join(tmp, "weights.png"))
     # The out/kernel gradient of each histogram step, by the backend's autograd.
     loss_fn = keras.losses.get("sparse_categorical_crossentropy")
     histogram_steps = [step for step, _ in logger.recorder.histograms()]
@@ -367,6 +398,8 @@ def _tools_run(tmp):
         "activations": {str(step): [s_["mlp/h"][f] for f in ("mean", "std", "gain")]
                         for step, s_ in zip(logger.activations.steps, logger.activations.stats)},
         "activation_reference": activation_reference,
+        "copy_warnings": copy_warnings,
+        "figures": sorted(os.listdir(os.path.join(tmp, "figures"))),
     }
 
 
