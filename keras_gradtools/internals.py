@@ -345,11 +345,23 @@ def torch_norms(tensors):
     The same numbers as `torch.linalg.vector_norm(t, dtype=torch.float32)`
     for each `t`, in one call: `torch.foreach.norm` where torch has it,
     else `torch._foreach_norm` (its older, private name), else one call per
-    tensor. Call it under `torch.no_grad()`.
+    tensor. Call it under `torch.no_grad()`. A float64 tensor's norm is taken in
+    float64 and then rounded to float32 (torch refuses to narrow a norm's input).
     """
     if not tensors:
         return ()
-    return tuple(_torch_norms_function()(list(tensors)))
+    import torch
+
+    tensors = list(tensors)
+    wide = {i for i, t in enumerate(tensors) if t.dtype == torch.float64}
+    if not wide:
+        return tuple(_torch_norms_function()(tensors))
+    narrow = [i for i in range(len(tensors)) if i not in wide]
+    norms = dict(zip(narrow, _torch_norms_function()([tensors[i] for i in narrow])
+                     if narrow else ()))
+    for i in wide:
+        norms[i] = torch.linalg.vector_norm(tensors[i]).to(torch.float32)
+    return tuple(norms[i] for i in range(len(tensors)))
 
 
 def _torch_norms_function():

@@ -192,6 +192,14 @@ def _lstm():
                             name="lstm_net")
 
 
+def _float64():
+    """The MLP with float64 variables (a `dtype="float64"` policy on every layer)."""
+    return keras.Sequential([keras.Input((6,), dtype="float64"),
+                             keras.layers.Dense(16, activation="tanh", dtype="float64", name="h"),
+                             keras.layers.Dense(3, activation="softmax", dtype="float64",
+                                                name="out")], name="mlp64")
+
+
 def _embedding():
     return keras.Sequential([keras.Input((5,), dtype="int32"),
                              keras.layers.Embedding(10, 4, name="embed"),
@@ -480,6 +488,7 @@ def main(tmp):
         _compare("frozen", _frozen, x6, y),
         _compare("lstm", _lstm, rng.normal(size=(32, 5, 3)).astype("float32"), y),
         _compare("embedding", _embedding, ids, y),
+        _compare("float64", _float64, x6.astype("float64"), y),
     ]}
     result["models"].append(_compare("custom_train_step", _CustomStep, x6, y))
     result["gradient_accumulation"] = gradient_accumulation()

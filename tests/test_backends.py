@@ -21,7 +21,7 @@ from keras_gradtools.runs import load_run
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS = ["sequential", "functional_shared", "subclassed", "cnn_batchnorm", "frozen", "lstm",
-          "embedding", "custom_train_step"]
+          "embedding", "float64", "custom_train_step"]
 
 
 def _available(backend):

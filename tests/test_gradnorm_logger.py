@@ -195,6 +195,22 @@ def test_lstm_matches_tape():
     ]
 
 
+def test_float64_variables_match_tape():
+    # Layers under a float64 dtype policy: float64 gradients, float32 norms.
+    def build():
+        keras.utils.set_random_seed(0)
+        return keras.Sequential([
+            keras.Input((6,), dtype="float64"),
+            keras.layers.Dense(8, activation="tanh", dtype="float64", name="h"),
+            keras.layers.Dense(3, activation="softmax", dtype="float64", name="out"),
+        ], name="mlp64")
+
+    x, y = _classification_data()
+    model, logger = _check_against_tape(build, x.astype("float64"), y)
+    assert {v.dtype for v in model.trainable_variables} == {"float64"}
+    assert logger.keys == ["mlp64/h/kernel", "mlp64/out/kernel"]
+
+
 def test_embedding_sparse_gradients_with_repeated_ids_match_dense_norm():
     rng = np.random.default_rng(3)
     # Few ids, many uses: every batch repeats ids, so IndexedSlices carry duplicates.
