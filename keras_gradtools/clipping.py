@@ -448,15 +448,17 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
             return
         zeros = keras.initializers.Zeros()
         # Written in replica context with the same (all-reduced) values on
-        # every replica: the first replica's write stands for all.
+        # every replica: the first replica's write stands for all. Norms are
+        # float32 whatever `keras.config.floatx()` is.
         add = functools.partial(self.add_variable, initializer=zeros,
                                 aggregation="only_first_replica")
-        self.last_applied_norm = add((), name="last_applied_norm")
+        self.last_applied_norm = add((), dtype="float32", name="last_applied_norm")
         if self.clip == "autoclip":
-            self.clip_history = add((self.history_size,), name="clip_history")
+            self.clip_history = add((self.history_size,), dtype="float32",
+                                    name="clip_history")
             self.clip_count = add((), dtype=_count_dtype(), name="clip_count")
         elif self.clip == "zclip":
-            self.z_state = [add((), name=n)
+            self.z_state = [add((), dtype="float32", name=n)
                             for n in ("z_mean", "z_var", "z_warm_sum", "z_warm_sumsq")]
             self.clip_count = add((), dtype=_count_dtype(), name="clip_count")
         self.inner_optimizer.build(var_list)

@@ -281,3 +281,44 @@ def test_under_mixed_float16_clipping_acts_on_unscaled_gradients(wrapped):
     assert logger.global_norms[0] > 0.5  # the raw, unscaled gradient is well above 0.05
     np.testing.assert_allclose(step / 0.1, 0.05, rtol=1e-2)
     np.testing.assert_allclose(logger.applied_global_norms[0], 0.05, rtol=1e-3)
+
+
+@pytest.fixture
+def float64_floatx():
+    policy = keras.config.dtype_policy()
+    keras.config.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")
+    yield
+    keras.config.set_floatx("float32")
+    keras.config.set_dtype_policy(policy)
+
+
+@pytest.mark.parametrize("clip", ["agc", "autoclip", "zclip"])
+def test_stateful_presets_train_a_float64_model(clip, float64_floatx):
+    # Under floatx float64 the presets' own state stays float32 (the norms' dtype). One
+    # plain-SGD step per batch: the weights move by lr * the clipped gradient, so the
+    # update's global norm / lr is the applied global norm the logger recorded.
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(0, 3, size=(32, 6)), rng.integers(0, 3, 32)
+    model = _model()
+    assert {v.dtype for v in model.trainable_variables} == {"float64"}
+    model.compile(C.clipped_optimizer("sgd", 0.1, clip=clip,
+                                      **({"warmup": 2} if clip == "zclip" else {})),
+                  "sparse_categorical_crossentropy")
+    logger = GradNormLogger(include_biases=True)
+    before = []
+
+    class Weights(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            before.append([v.numpy() for v in self.model.trainable_variables])
+
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False,
+              callbacks=[logger, Weights()])
+    after = before[1:] + [[v.numpy() for v in model.trainable_variables]]
+    moved = [np.sqrt(sum(np.sum((a - b) ** 2) for a, b in zip(w0, w1))) / 0.1
+             for w0, w1 in zip(before, after)]
+    np.testing.assert_allclose(logger.applied_global_norms, moved, rtol=1e-6)
+    assert np.all(logger.applied_global_norms <= logger.global_norms * (1 + 1e-6))
+    state = [v for v in model.optimizer.variables if "count" not in v.name
+             and v.name in ("last_applied_norm", "clip_history", "z_mean", "z_var")]
+    assert state and {v.dtype for v in state} == {"float32"}
