@@ -2,6 +2,7 @@
 
 import os
 import sys
+import zipfile
 
 import click
 
@@ -268,6 +269,10 @@ def check(model_path, data_source, loss, batch_size, as_json):
             keras.losses.get(loss)
         except (ValueError, TypeError):
             raise click.BadParameter(f"{loss!r} is not a Keras loss", param_hint="--loss") from None
+    if model_path.endswith(".keras") and not zipfile.is_zipfile(model_path):
+        raise click.BadParameter(
+            f"{model_path} is not a .keras archive (not a zip file: corrupt, or saved in "
+            "another format)", param_hint="MODEL_PATH")
     try:
         model = keras.models.load_model(model_path)
     except Exception as e:  # keras raises many kinds for a bad file
@@ -337,6 +342,10 @@ def _check_data(model, data_source, batch_size):
         if shapes[0] == (28, 28):
             x = x.reshape(-1, 28, 28)
         return x, y
+    if not zipfile.is_zipfile(data_source):
+        raise click.BadParameter(
+            f"{data_source} is not an .npz archive (not a zip file; save one with np.savez)",
+            param_hint="--data")
     try:
         with np.load(data_source, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
@@ -364,6 +373,13 @@ def _check_data(model, data_source, batch_size):
                 f"the data for input {name!r} has samples of shape {data_shape}, the model "
                 f"takes {shape}")
     y = arrays["y"]
+    for name, values in [*((f"x_{n}" if f"x_{n}" in arrays else "x", v)
+                           for n, v in named.items()), ("y", y)]:
+        if np.issubdtype(values.dtype, np.inexact) and not np.isfinite(values).all():
+            bad = np.argwhere(~np.isfinite(values))[0]
+            raise click.UsageError(
+                f"{data_source}: {name} holds NaN or Inf values (first at index "
+                f"{tuple(int(i) for i in bad)}); the check needs finite data")
     counts = {len(a) for a in named.values()} | {len(y)}
     if len(counts) != 1:
         raise click.UsageError(

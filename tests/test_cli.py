@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import keras
 import pytest
 from click.testing import CliRunner
@@ -103,17 +104,35 @@ def test_check_bad_inputs(tmp_path):
     assert result.exit_code == 2 and "no file at" in result.output
     (tmp_path / "junk.keras").write_bytes(b"junk")
     result = CliRunner().invoke(cli.main, ["check", str(tmp_path / "junk.keras")])
+    assert result.exit_code == 2 and "is not a .keras archive (not a zip file" in result.output
+    (tmp_path / "junk.h5").write_bytes(b"junk")
+    result = CliRunner().invoke(cli.main, ["check", str(tmp_path / "junk.h5")])
     assert result.exit_code == 2 and "cannot be loaded as a Keras model" in result.output
     model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(2)])
     model.compile(optimizer="sgd", loss="mse")
     model.save(tmp_path / "small.keras")
     result = CliRunner().invoke(cli.main, ["check", str(tmp_path / "small.keras")])
     assert result.exit_code == 2 and "(5,)" in result.output
+    # Data that is not an .npz, or holds NaN or Inf: refused before any gradient is taken.
+    small = str(tmp_path / "small.keras")
+    (tmp_path / "junk.npz").write_bytes(b"junk")
+    result = CliRunner().invoke(cli.main, ["check", small, "--data", str(tmp_path / "junk.npz")])
+    assert result.exit_code == 2 and "is not an .npz archive" in result.output
+    x, y = np.ones((8, 5), "float32"), np.zeros((8, 2), "float32")
+    x[3, 4] = np.nan
+    np.savez(tmp_path / "nan_x.npz", x=x, y=y)
+    result = CliRunner().invoke(cli.main, ["check", small, "--data", str(tmp_path / "nan_x.npz")])
+    assert result.exit_code == 2 and "x holds NaN or Inf values (first at index (3, 4))" \
+        in result.output
+    y[6, 1] = np.inf
+    np.savez(tmp_path / "inf_y.npz", x=np.ones((8, 5), "float32"), y=y)
+    result = CliRunner().invoke(cli.main, ["check", small, "--data", str(tmp_path / "inf_y.npz")])
+    assert result.exit_code == 2 and "y holds NaN or Inf values (first at index (6, 1))" \
+        in result.output
+    assert "Traceback" not in result.output and "Gradient norms" not in result.output
 
 
 def _write_norms(directory, skipped):
-    import numpy as np
-
     rng = np.random.default_rng(0)
     norms = (np.array([0.3, 0.6, 1.0]) * np.exp(rng.normal(0, 0.3, (120, 3)))).tolist()
     for step in skipped:
