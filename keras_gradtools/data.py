@@ -22,6 +22,10 @@ def _sha256(path):
 
 
 def _read_npz(path):
+    if not zipfile.is_zipfile(path):
+        raise ValueError(
+            f"{path} cannot be read as a .npz file (not a zip archive); it may be "
+            f"truncated or corrupt. Received: path={path!r}")
     try:
         with np.load(path, allow_pickle=False) as data:
             missing = [k for k in _KEYS if k not in data.files]
@@ -44,6 +48,18 @@ def _read_npz(path):
                 f"{path} has x_{split} of shape {x.shape} and y_{split} of "
                 f"shape {y.shape}; MNIST needs (N, 28, 28) images and N "
                 f"labels. Received: path={path!r}"
+            )
+        if not np.isfinite(x).all() or x.min() < 0 or x.max() > 255:
+            raise ValueError(
+                f"{path} has x_{split} values outside MNIST's pixel range [0, 255] "
+                f"(min {np.nanmin(x)}, max {np.nanmax(x)}, "
+                f"{int(np.sum(~np.isfinite(x)))} NaN or Inf). Received: path={path!r}"
+            )
+        if not np.all((y >= 0) & (y <= 9) & (y == np.floor(y))):
+            bad = np.flatnonzero(~((y >= 0) & (y <= 9) & (y == np.floor(y))))
+            raise ValueError(
+                f"{path} has y_{split} labels that are not the digits 0-9 (first at "
+                f"index {int(bad[0])}: {y[bad[0]]!r}). Received: path={path!r}"
             )
     return arrays
 

@@ -54,6 +54,33 @@ def test_wrong_layout_names_missing_arrays(tmp_path):
         data.load_mnist(path)
 
 
+def test_values_that_are_not_mnist_are_refused(tmp_path):
+    path = tmp_path / "odd.npz"
+
+    def save(x_train, y_train):
+        np.savez(path, x_train=x_train, y_train=y_train,
+                 x_test=np.zeros((1, 28, 28), np.uint8), y_test=np.zeros(1, np.uint8))
+
+    pixels = np.zeros((3, 28, 28), np.float32)
+    pixels[1, 4, 5] = np.nan
+    save(pixels, np.arange(3))
+    with pytest.raises(ValueError, match=r"x_train values outside .* 1 NaN or Inf"):
+        data.load_mnist(path)
+    save(np.full((3, 28, 28), -1.0), np.arange(3))  # already normalized, say
+    with pytest.raises(ValueError, match=r"pixel range \[0, 255\] \(min -1.0"):
+        data.load_mnist(path)
+    save(np.zeros((3, 28, 28), np.uint8), np.array([3, 10, 1]))
+    with pytest.raises(ValueError, match="not the digits 0-9 .first at index 1: .*10"):
+        data.load_mnist(path)
+
+
+def test_a_file_that_is_not_a_zip_is_named_corrupt(tmp_path):
+    path = tmp_path / "text.npz"
+    path.write_text("hello")
+    with pytest.raises(ValueError, match="text.npz.*corrupt"):
+        data.load_mnist(path)
+
+
 def test_bundled_checksum_is_enforced(tmp_path, monkeypatch):
     fake = tmp_path / "mnist.npz"
     fake.write_bytes(b"tampered")
