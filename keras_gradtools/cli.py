@@ -106,6 +106,13 @@ def run_reproduce(case, epochs, batch_size, seed, seeds, subset, data_source, ou
             f"no file at {data_source!r}; pass bundled, keras, or an existing mnist.npz",
             param_hint="--data",
         )
+    if data_source != "keras":  # a damaged or non-MNIST file: refused before any run starts
+        from keras_gradtools.data import load_mnist
+
+        try:
+            load_mnist(data_source, subset=1)
+        except (FileNotFoundError, ValueError) as e:
+            raise click.BadParameter(str(e), param_hint="--data") from None
     seed_list = [None] if seeds is None else [
         (seed if seed is not None else 0) + i for i in range(seeds)
     ]

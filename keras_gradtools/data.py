@@ -59,7 +59,7 @@ def _read_npz(path):
             bad = np.flatnonzero(~((y >= 0) & (y <= 9) & (y == np.floor(y))))
             raise ValueError(
                 f"{path} has y_{split} labels that are not the digits 0-9 (first at "
-                f"index {int(bad[0])}: {y[bad[0]]!r}). Received: path={path!r}"
+                f"index {int(bad[0])}: {y[bad[0]].item()!r}). Received: path={path!r}"
             )
     return arrays
 

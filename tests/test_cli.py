@@ -54,6 +54,21 @@ def test_reproduce_missing_data_file(tmp_path):
     assert result.exit_code == 2 and "no file at" in result.output
 
 
+def test_reproduce_damaged_data_file_is_refused_before_any_run(tmp_path):
+    (tmp_path / "text.npz").write_text("not an archive")
+    np.savez(tmp_path / "labels.npz", x_train=np.zeros((2, 28, 28), np.uint8),
+             y_train=np.array([1, 12]), x_test=np.zeros((1, 28, 28), np.uint8),
+             y_test=np.zeros(1, np.uint8))
+    for name, message in [("text.npz", "not a zip archive"),
+                          ("labels.npz", "not the digits 0-9 (first at index 1: 12)")]:
+        result = CliRunner().invoke(cli.main, [
+            "reproduce", "--case", "vanishing", "--data", str(tmp_path / name),
+            "--out", str(tmp_path / "runs")])
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert "Traceback" not in result.output
+    assert not (tmp_path / "runs").exists()
+
+
 def test_diagnose_text_and_json(run_dir):
     path, _ = run_dir
     result = CliRunner().invoke(cli.main, ["diagnose", path])
