@@ -351,7 +351,7 @@ def _check_data(model, data_source, batch_size):
         return x, y
     if not zipfile.is_zipfile(data_source):
         raise click.BadParameter(
-            f"{data_source} is not an .npz archive (not a zip file; save one with np.savez)",
+            f"{data_source} cannot be read as an .npz (not a zip archive; save one with np.savez)",
             param_hint="--data")
     try:
         with np.load(data_source, allow_pickle=False) as f:

@@ -132,7 +132,7 @@ def test_check_bad_inputs(tmp_path):
     small = str(tmp_path / "small.keras")
     (tmp_path / "junk.npz").write_bytes(b"junk")
     result = CliRunner().invoke(cli.main, ["check", small, "--data", str(tmp_path / "junk.npz")])
-    assert result.exit_code == 2 and "is not an .npz archive" in result.output
+    assert result.exit_code == 2 and "cannot be read as an .npz (not a zip archive" in result.output
     x, y = np.ones((8, 5), "float32"), np.zeros((8, 2), "float32")
     x[3, 4] = np.nan
     np.savez(tmp_path / "nan_x.npz", x=x, y=y)
