@@ -236,6 +236,7 @@ class ActivationProbe:
                 "`activation_outputs=fn` (`fn(model, x) -> {layer_name: output}`, running "
                 "the model's own layers on `x`), or leave `probe_data` unset. Received: "
                 f"model={model.name!r}")
+        _check_fits(model, inputs, data)
         self._watched = self._choose(model, layers)
         outputs = []
         for layer, name, _params in self._watched:
@@ -332,6 +333,28 @@ class ActivationProbe:
             stats[_layer_path(layer)] = layer_stats(value, *found)
         self.names = list(stats)
         return stats
+
+
+def _check_fits(model, inputs, data):
+    """Refuses probe data whose samples do not have the shape of the model's inputs."""
+    if isinstance(data, dict):
+        pairs = [(t, data.get(getattr(t, "name", None))) for t in inputs]
+    elif isinstance(data, (list, tuple)):
+        pairs = list(zip(inputs, data)) if len(data) == len(inputs) else []
+    else:
+        pairs = [(inputs[0], data)] if len(inputs) == 1 else []
+    for index, (tensor, values) in enumerate(pairs):
+        shape = getattr(values, "shape", None)
+        if shape is None:
+            continue
+        wanted, got = tuple(tensor.shape[1:]), tuple(shape[1:])
+        if len(wanted) != len(got) or any(w is not None and w != g
+                                          for w, g in zip(wanted, got)):
+            which = "" if len(inputs) == 1 else f" {index} ({getattr(tensor, 'name', '')!r})"
+            raise ValueError(
+                f"`probe_data` does not fit model {model.name!r}: its input{which} takes "
+                f"samples of shape {wanted}, the probe data's are {got}. Received: "
+                f"probe_data of shape {tuple(shape)}")
 
 
 def _is_graph(model):

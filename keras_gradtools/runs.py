@@ -47,7 +47,11 @@ def new_run_dir(path):
         FileExistsError: if `path` exists and is not an empty directory.
     """
     path = os.fspath(path)
-    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise FileExistsError(
+            f"{path} is a file, not a directory; a run_dir is a directory that "
+            f"keras_gradtools creates. Received: run_dir={path!r}")
+    if os.path.exists(path) and os.listdir(path):
         raise FileExistsError(
             f"{path} already exists and is not empty; keras_gradtools never writes over a "
             f"run. Choose a new run_dir. Received: run_dir={path!r}"

@@ -61,8 +61,18 @@ class GradientSummaryWriter:
 
     @staticmethod
     def check_new(log_dir):
-        """Returns `log_dir/train`; raises `FileExistsError` if it holds our events already."""
+        """Returns `log_dir/train`, refusing a log directory that cannot take a new run.
+
+        Raises:
+            FileExistsError: if `log_dir/train` holds our events already, or
+                `log_dir` or `log_dir/train` is a file.
+        """
         train_dir = os.path.join(os.fspath(log_dir), "train")
+        for path in (os.fspath(log_dir), train_dir):
+            if os.path.exists(path) and not os.path.isdir(path):
+                raise FileExistsError(
+                    f"{path} is a file, not a directory; TensorBoard logs go into a "
+                    f"directory. Received: log_dir={log_dir!r}")
         existing = glob.glob(os.path.join(train_dir, f"events.out.tfevents.*{SUFFIX}"))
         if existing:
             raise FileExistsError(

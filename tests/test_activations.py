@@ -107,6 +107,18 @@ def test_probe_refuses_what_it_cannot_watch():
     model = _sigmoid_relu_model()
     with pytest.raises(ValueError, match="No layer named 'nope'"):
         ActivationProbe(model, x, layers=["nope"])
+    with pytest.raises(ValueError, match=r"does not fit model .*takes samples of shape \(6,\), "
+                                         r"the probe data's are \(5,\)"):
+        ActivationProbe(model, x[:, :5])
+    two = keras.Input((3,), name="a"), keras.Input((2, 2), name="b")
+    joined = keras.layers.Concatenate()([two[0], keras.layers.Flatten()(two[1])])
+    hidden = keras.layers.Dense(4, activation="tanh")(joined)
+    multi = keras.Model(two, keras.layers.Dense(2)(hidden))
+    with pytest.raises(ValueError, match=r"input 1 \('b'\) takes samples of shape \(2, 2\)"):
+        ActivationProbe(multi, [np.zeros((4, 3)), np.zeros((4, 2, 3))])
+    with pytest.raises(ValueError, match=r"input 1 \('b'\)"):
+        ActivationProbe(multi, {"a": np.zeros((4, 3)), "b": np.zeros((4, 4))})
+    assert ActivationProbe(multi, {"a": np.zeros((4, 3)), "b": np.zeros((4, 2, 2))})()
 
     class Sub(keras.Model):
         def __init__(self):

@@ -107,6 +107,12 @@ def test_run_dir_is_never_written_over(user_run):
         np.testing.assert_array_equal(a, b)
     assert {name: open(os.path.join(run_dir, name)).read()
             for name in os.listdir(run_dir)} == before
+    # A file where the run directory should be: named as such, and left as it was.
+    path = os.path.join(run_dir, "config.json")
+    with pytest.raises(FileExistsError, match="config.json is a file, not a directory"):
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0,
+                  callbacks=[GradNormLogger(run_dir=path)])
+    assert open(path).read() == before["config.json"]
 
 
 class _Interrupt(keras.callbacks.Callback):

@@ -131,6 +131,12 @@ def test_a_log_dir_holding_a_run_is_refused(tmp_path):
                   callbacks=[GradNormLogger(log_dir=tmp_path / "run")])
     assert sorted(glob.glob(str(tmp_path / "run" / "train" / "*"))) == before
     assert "apply" not in vars(model.optimizer)
+    # A file where the log directory should be: named, and left as it was.
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="notes.txt is a file, not a directory"):
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0,
+                  callbacks=[GradNormLogger(log_dir=tmp_path / "notes.txt")])
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 class _Reader(keras.callbacks.Callback):
