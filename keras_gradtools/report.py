@@ -219,8 +219,8 @@ def write_report(run_dir, out=None):
 
     Args:
         run_dir: the run directory.
-        out: the file to write, or `None` for `run_dir/report.html`.
-            Defaults to `None`.
+        out: the file to write (its directory is created), or `None` for
+            `run_dir/report.html`. Defaults to `None`.
 
     Returns:
         The path written.
@@ -235,6 +235,7 @@ def write_report(run_dir, out=None):
         raise FileExistsError(f"{out} already exists; keras_gradtools never overwrites a "
                               "report. Pass another --out file.")
     text = render_report(run)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "x", encoding="utf-8") as f:
         f.write(text)
     return out

@@ -119,7 +119,7 @@ class Run:
         epoch_end_steps: steps done at the end of each epoch.
         skipped_steps: steps a loss-scale optimizer skipped.
         applied_norms: post-clipping norms, or `None`.
-        history: Keras' per-epoch History (`{}` if not saved).
+        history: Keras' per-epoch History as floats (`{}` if not saved).
         findings: the monitor's findings as dicts (`[]` if none ran).
         absorbed_spikes: the spikes the optimizer's clipping absorbed, as
             the monitor's report lists them (`[]` if none, or no monitor).
@@ -239,6 +239,10 @@ def load_run(path):
         if not isinstance(history, dict) or not all(
                 isinstance(v, list) for v in history.values()):
             raise RunError(f"{history_path} is not a Keras History (metric -> list)")
+        try:  # non-finite values are stored as "nan", "inf", "-inf" (see `json_float`)
+            history = {k: [float(v) for v in values] for k, values in history.items()}
+        except (TypeError, ValueError) as e:
+            raise RunError(f"{history_path} is not a Keras History of numbers ({e})") from None
     findings, absorbed = [], []
     diagnosis_path = os.path.join(path, "diagnosis.json")
     if os.path.exists(diagnosis_path):

@@ -11,6 +11,7 @@ import tensorflow as tf
 from click.testing import CliRunner
 
 from keras_gradtools import GradNormLogger, GradientMonitor, cli, diagnose
+from keras_gradtools.plots import plot_run
 from keras_gradtools.report import layer_table
 from keras_gradtools.runs import FORMAT, load_run
 
@@ -429,3 +430,26 @@ def test_a_run_is_readable_before_its_first_step(tmp_path):
     for command in ("diagnose", "report", "plot"):
         result = CliRunner().invoke(cli.main, [command, str(tmp_path / "early")])
         assert result.exit_code == 0, (command, result.output)
+
+
+def test_a_run_whose_loss_turned_nan_loads_plots_and_reports(tmp_path):
+    # NaN inputs in the last batch: that epoch's loss and gradient norms are NaN, stored
+    # in the run's JSON as "nan" and read back as floats.
+    x, y = _data(32)
+    x[-1] = np.nan
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3, name="out")], name="lin")
+    model.compile(optimizer="sgd",
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    history = model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0,
+                        callbacks=[GradNormLogger(run_dir=tmp_path / "nan-run")])
+    assert np.isnan(history.history["loss"]).all()
+    run = load_run(tmp_path / "nan-run")
+    assert np.isnan(run.history["loss"]).all() and len(run.history["loss"]) == 2
+    assert np.isnan(run.history["grad_norm/lin/out/kernel"]).all()
+    written = plot_run(tmp_path / "nan-run")
+    assert "loss_and_grad_norms.png" in {os.path.basename(p) for p in written}
+    result = CliRunner().invoke(cli.main, ["report", str(tmp_path / "nan-run"), "--out",
+                                           str(tmp_path / "reports" / "nan.html")])
+    assert result.exit_code == 0, result.output
+    assert "nan-run" in (tmp_path / "reports" / "nan.html").read_text()
