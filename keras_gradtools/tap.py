@@ -227,8 +227,26 @@ class GradientTap:
             ]
             present = [(g, v) for g, v in zip(unscaled, variables) if g is not None]
             clipped = internals.keras_clip(self.layout.base, [g for g, _ in present])
-            self._record_applied(clipped, [v for _, v in present])
+            self._record_applied(clipped, [v for _, v in present], skipped)
+        elif self.applied_recorders and skipped is not None:
+            # A ClippedOptimizer writes its applied row from inside its own
+            # `apply`, which the loss-scale optimizer does not call on a skipped
+            # step: that step's row (NaN, flagged) is written here.
+            self._write_skipped_if(skipped, self.applied_recorders)
         return result
+
+    @staticmethod
+    def _write_skipped_if(skipped, recorders):
+        """Writes a skipped row to each recorder when `skipped` (a boolean tensor) holds."""
+        def write():
+            for recorder in recorders:
+                recorder.write_skipped()
+            return ops.convert_to_tensor(True)
+
+        if keras.backend.backend() == "tensorflow":
+            tf.cond(skipped, write, lambda: tf.constant(False))
+        elif bool(skipped):  # PyTorch runs eagerly
+            write()
 
     def _apply_replica(self, apply, grads, trainable_variables=None):
         """Several replicas: the optimizer's `apply` in a replica, with the update it made.
@@ -263,12 +281,12 @@ class GradientTap:
                 recorder.write_skipped()
         return trainable_variables, [scope.get_current_value(v) for v in state]
 
-    def _record_applied(self, grads, variables):
+    def _record_applied(self, grads, variables, skipped=None):
         if not self._recording_replica():
             return
         shared = {}
         for recorder in self.applied_recorders:
-            recorder.write(recorder.step_norms(grads, variables, None, shared))
+            recorder.write(recorder.step_norms(grads, variables, None, shared), skipped)
 
     def _recording_replica(self):
         """Whether the replica being traced writes this worker's recording."""

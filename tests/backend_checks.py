@@ -109,19 +109,30 @@ def _compare(name, build, x, y, loss="sparse_categorical_crossentropy", steps=4,
     }
 
 
-def _skipped_steps(x, y, steps=4):
-    """mixed_float16 with inputs so large that float16 gradients overflow at first."""
+def _skipped_steps(x, y, steps=4, clip=None):
+    """mixed_float16 with inputs so large that float16 gradients overflow at first.
+
+    With `clip` the optimizer is that clipping preset's (SGD), whose applied
+    norms are recorded too.
+    """
+    from keras_gradtools import clipped_optimizer
+
     keras.utils.set_random_seed(0)
     model = _mlp()
-    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy")
+    model.compile(optimizer=keras.optimizers.SGD(0.1) if clip is None else
+                  clipped_optimizer("sgd", 0.1, clip=clip),
+                  loss="sparse_categorical_crossentropy")
     logger = GradNormLogger(include_biases=True)
     model.fit(x[:steps * BATCH], y[:steps * BATCH], batch_size=BATCH, shuffle=False,
               verbose=0, callbacks=[logger])
+    applied = logger.applied_recorder.norms if logger.applied_recorder else np.zeros((0, 0))
     return {"optimizer": type(model.optimizer).__name__,
             "skipped": logger.recorder.skipped.tolist(),
             "nan": np.isnan(logger.norms).all(axis=1).tolist(),
             "finite": np.isfinite(logger.norms).all(axis=1).tolist(),
-            "final_scale": float(model.optimizer.dynamic_scale.numpy())}
+            "applied_nan": np.isnan(applied).all(axis=1).tolist(),
+            "applied_finite": np.isfinite(applied).all(axis=1).tolist(),
+            "final_scale": float(to_numpy(model.optimizer.dynamic_scale))}
 
 
 def _steps_per_execution(x, y, steps=4):
@@ -507,6 +518,7 @@ def main(tmp):
     try:
         result["mixed_float16"] = _compare("mixed_float16", _mlp, x6, y)
         result["mixed_float16_skipped"] = _skipped_steps(x6 * 30, y)
+        result["mixed_float16_skipped_clipped"] = _skipped_steps(x6 * 30, y, clip="agc")
     finally:
         keras.mixed_precision.set_global_policy("float32")
     result.update(tools=_tools_run(tmp), refusals=_refusals(tmp), probe=_probe(tmp),

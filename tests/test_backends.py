@@ -83,6 +83,12 @@ def test_every_step_equals_the_backends_own_gradient(checked):
     assert 0 < count < 4 and skipped["final_scale"] == 2.0 ** (15 - count), skipped
     assert skipped["nan"] == skipped["skipped"]
     assert all(f != s for f, s in zip(skipped["finite"], skipped["skipped"])), skipped
+    # A clipping preset under the loss scale: its applied norms keep one row per step,
+    # NaN on each skipped one.
+    clipped = result["mixed_float16_skipped_clipped"]
+    assert clipped["skipped"] == skipped["skipped"], clipped
+    assert clipped["applied_nan"] == clipped["skipped"], clipped
+    assert all(f != s for f, s in zip(clipped["applied_finite"], clipped["skipped"])), clipped
     frozen = next(m for m in result["models"] if m["name"] == "frozen")
     assert frozen["keys"] == ["mlp/out/kernel", "mlp/out/bias"]  # the frozen layer is not recorded
 

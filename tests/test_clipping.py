@@ -322,3 +322,41 @@ def test_stateful_presets_train_a_float64_model(clip, float64_floatx):
     state = [v for v in model.optimizer.variables if "count" not in v.name
              and v.name in ("last_applied_norm", "clip_history", "z_mean", "z_var")]
     assert state and {v.dtype for v in state} == {"float32"}
+
+
+@pytest.mark.parametrize("clip", ["norm", "zclip", "agc"])
+def test_skipped_loss_scale_steps_keep_the_applied_rows_in_step(clip):
+    # mixed_float16 with a loss scale that overflows float16 for the first steps: the
+    # loss-scale optimizer skips them (the scale halves each time). The applied
+    # recording has one row per step like the raw one: NaN on a skipped step, and on
+    # every applied step the global norm of the weights' move / lr (plain SGD).
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(0, 3, size=(64, 6)).astype("float32"), rng.integers(0, 3, 64)
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = _model()
+        optimizer = C.clipped_optimizer("sgd", 0.1, clip=clip, threshold=0.5 if clip == "norm"
+                                        else None, **({"warmup": 2} if clip == "zclip" else {}))
+        model.compile(keras.optimizers.LossScaleOptimizer(optimizer, initial_scale=2.0 ** 19),
+                      "sparse_categorical_crossentropy")
+        logger = GradNormLogger(include_biases=True)
+        before = []
+
+        class Weights(keras.callbacks.Callback):
+            def on_train_batch_begin(self, batch, logs=None):
+                before.append([v.numpy() for v in self.model.trainable_variables])
+
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False,
+                  callbacks=[logger, Weights()])
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    after = before[1:] + [[v.numpy() for v in model.trainable_variables]]
+    moved = np.array([np.sqrt(sum(np.sum((a - b).astype(np.float64) ** 2)
+                                  for a, b in zip(w0, w1))) / 0.1
+                      for w0, w1 in zip(before, after)])
+    skipped = logger.skipped_steps
+    assert 0 < len(skipped) < 8 and list(skipped) == list(range(len(skipped)))
+    assert logger.applied_global_norms.shape == logger.global_norms.shape == (8,)
+    applied = np.setdiff1d(np.arange(8), skipped)
+    assert np.all(moved[skipped] == 0) and np.all(np.isnan(logger.applied_global_norms[skipped]))
+    np.testing.assert_allclose(logger.applied_global_norms[applied], moved[applied], rtol=2e-3)
