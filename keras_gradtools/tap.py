@@ -193,6 +193,10 @@ class GradientTap:
     def _apply(self, apply, grads, trainable_variables=None):
         """The optimizer's `apply` (one replica): record what it got, then apply it."""
         grads = list(grads)
+        if not grads:
+            # A model with no trainable variable: Keras' TensorFlow and PyTorch
+            # trainers skip `apply` then, its JAX trainer calls it. No row either way.
+            return apply(grads, trainable_variables)
         if trainable_variables is None:
             variables = internals.optimizer_variables(self.apply_target)
         else:

@@ -135,6 +135,21 @@ def _skipped_steps(x, y, steps=4, clip=None):
             "final_scale": float(to_numpy(model.optimizer.dynamic_scale))}
 
 
+def _nothing_trainable(x, y, steps=4):
+    """A model whose every layer is frozen: no rows (Keras' JAX trainer still calls `apply`)."""
+    keras.utils.set_random_seed(0)
+    model = _mlp()
+    model.trainable = False
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy")
+    logger = GradNormLogger()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "does not have any trainable weights"
+        history = model.fit(x[:steps * BATCH], y[:steps * BATCH], batch_size=BATCH, verbose=0,
+                            epochs=2, callbacks=[logger])
+    return {"keys": logger.keys, "rows": int(len(logger.norms)),
+            "epoch_end_steps": logger.epoch_end_steps, "history": sorted(history.history)}
+
+
 def _steps_per_execution(x, y, steps=4):
     """The norms with steps_per_execution=2 against those of one step per call.
 
@@ -503,6 +518,7 @@ def main(tmp):
     ]}
     result["models"].append(_compare("custom_train_step", _CustomStep, x6, y))
     result["gradient_accumulation"] = gradient_accumulation()
+    result["nothing_trainable"] = _nothing_trainable(x6, y)
     if BACKEND == "jax":  # Keras' PyTorch trainer takes steps_per_execution=1 only
         result["steps_per_execution"] = _steps_per_execution(x6, y)
     else:

@@ -89,6 +89,9 @@ def test_every_step_equals_the_backends_own_gradient(checked):
     assert clipped["skipped"] == skipped["skipped"], clipped
     assert clipped["applied_nan"] == clipped["skipped"], clipped
     assert all(f != s for f, s in zip(clipped["applied_finite"], clipped["skipped"])), clipped
+    # Nothing trainable: no rows and no History entries from the logger, on every backend.
+    assert result["nothing_trainable"] == {"keys": [], "rows": 0, "epoch_end_steps": [0, 0],
+                                           "history": ["loss"]}
     frozen = next(m for m in result["models"] if m["name"] == "frozen")
     assert frozen["keys"] == ["mlp/out/kernel", "mlp/out/bias"]  # the frozen layer is not recorded
 
