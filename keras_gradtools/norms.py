@@ -42,6 +42,8 @@ def variable_key(variable):
 def to_numpy(value):
     """Returns a host NumPy copy of a Keras variable or a backend tensor.
 
+    The copy does not change when the variable is later assigned to.
+
     Keras' `Variable.numpy()` and `keras.ops.convert_to_numpy` go through
     `np.array(x, copy=False)` on some backends, which NumPy 2 answers with a
     `DeprecationWarning` for JAX and torch tensors. This reads each backend's
@@ -58,13 +60,13 @@ def to_numpy(value):
     inner = getattr(value, "value", None)
     if inner is not None and not callable(inner):  # a Keras variable's backend tensor
         value = inner  # (a tf.Variable's `value` is a method: it has `numpy()` itself)
-    if hasattr(value, "detach"):  # torch
+    if hasattr(value, "detach"):  # torch (on a CPU `.numpy()` shares the tensor's memory)
         value = value.detach().cpu()
         if str(value.dtype) == "torch.bfloat16":
             value = value.float()
-        return value.numpy()
+        return np.array(value.numpy())
     if hasattr(value, "numpy") and not isinstance(value, np.ndarray):  # TensorFlow
-        return value.numpy()
+        return np.array(value.numpy())
     return np.asarray(value)
 
 

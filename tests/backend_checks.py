@@ -487,8 +487,12 @@ def _probe(tmp):
     model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax", name="out")(h),
                         name="reg")
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy")
+    frozen = [np.array(to_numpy(v)) for v in model.non_trainable_variables]
     probe = compute_weight_gradient_norms(model, x, y, batch_size=16, include_biases=True,
                                           training=True)
+    # The probe ran batch normalization in training mode; its moving statistics are restored.
+    moved = max(float(np.max(np.abs(to_numpy(v) - before)))
+                for v, before in zip(model.non_trainable_variables, frozen))
     path, data = os.path.join(tmp, "reg.keras"), os.path.join(tmp, "data.npz")
     model.save(path)
     np.savez(data, x=x, y=y)
@@ -496,7 +500,7 @@ def _probe(tmp):
                                       "--batch-size", "16", "--json"])
     logger = GradNormLogger(include_biases=True)
     model.fit(x, y, batch_size=16, shuffle=False, verbose=0, callbacks=[logger])
-    return {"keys": logger.keys, "logged": logger.norms[0].tolist(),
+    return {"keys": logger.keys, "logged": logger.norms[0].tolist(), "moving_stats_moved": moved,
             "probe": [probe[k] for k in logger.keys], "cli_exit": result.exit_code,
             "cli": json.loads(result.stdout)["norms"] if result.exit_code == 0 else result.output}
 

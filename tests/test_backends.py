@@ -175,6 +175,7 @@ def test_probe_and_cli_check_equal_the_first_train_step(checked):
     assert probe["keys"] == ["h/kernel", "h/bias", "bn/gamma", "bn/beta", "out/kernel",
                              "out/bias"]
     np.testing.assert_allclose(probe["probe"], probe["logged"], rtol=1e-5)
+    assert probe["moving_stats_moved"] == 0.0  # batch norm's statistics restored after the probe
     assert probe["cli_exit"] == 0, probe["cli"]  # gradtools --backend <this> check ...
     kernels = {k: v for k, v in zip(probe["keys"], probe["logged"]) if not k.endswith("bias")}
     assert list(probe["cli"]) == list(kernels)  # biases left out by default
