@@ -120,7 +120,16 @@ def _gradient_function(model, variables, training):
                 for g, v in zip(grads, variables)
             ]
 
-        return lambda xb, yb: [g.numpy() for g in batch_gradients(xb, yb)]
+        def gradients(xb, yb):
+            before = [norms_lib.to_numpy(v) for v in model.non_trainable_variables]
+            grads = [g.numpy() for g in batch_gradients(xb, yb)]
+            # Batch normalization's moving statistics (updated in training mode)
+            # and any other state the call moved stay as they were.
+            for v, value in zip(model.non_trainable_variables, before):
+                v.assign(value)
+            return grads
+
+        return gradients
     if backend == "jax":
         import jax
 

@@ -38,13 +38,14 @@ def test_batched_equals_one_batch_and_reference_tape():
         np.testing.assert_allclose(full[key], np.linalg.norm(grads[key]), rtol=1e-5)
 
 
-def test_probe_leaves_batchnorm_statistics_untouched():
+@pytest.mark.parametrize("training", [False, True])
+def test_probe_leaves_batchnorm_statistics_untouched(training):
     rng = np.random.default_rng(1)
     x = rng.normal(3.0, size=(20, 5)).astype("float32")
     y = rng.integers(0, 3, 20)
     model = _bn_model()
     before = [w.numpy().copy() for w in model.weights]
-    compute_weight_gradient_norms(model, x, y, batch_size=7)
+    compute_weight_gradient_norms(model, x, y, batch_size=7, training=training)
     for a, b in zip(before, model.weights):
         np.testing.assert_array_equal(a, b.numpy())
 
