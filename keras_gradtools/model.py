@@ -62,6 +62,11 @@ class GradNormModel(keras.Model):
         compete with it (the cheap order; applying the original list is
         correct too, only slower on a CPU).
 
+        Under a `LossScaleOptimizer` a step whose gradients are not all
+        finite is recorded as skipped (`GradNormLogger.skipped_steps`), as
+        the optimizer skips it: the monitor does not take it for a
+        non-finite gradient.
+
         Args:
             gradients: the gradients, one per variable.
             variables: the variables, in the same order.
@@ -77,10 +82,14 @@ class GradNormModel(keras.Model):
             scale = clipping.loss_scale_of(self.optimizer)
         gradients = list(gradients)
         variables = list(variables)
+        loss_scale = clipping.layout(self.optimizer).loss_scale
+        skipped = None
+        if loss_scale is not None:  # the loss-scale optimizer's own public test
+            skipped = keras.ops.logical_not(loss_scale.check_finite(gradients))
         shared = {}
         for recorder in self.gradtools_recorders:
             recorder.bind(variables)  # a model built by this trace (TensorFlow)
-            recorder.write(recorder.step_norms(gradients, variables, scale, shared))
+            recorder.write(recorder.step_norms(gradients, variables, scale, shared), skipped)
         return ordered_after(shared, gradients)
 
     def train_step(self, data):

@@ -150,6 +150,29 @@ def _nothing_trainable(x, y, steps=4):
             "epoch_end_steps": logger.epoch_end_steps, "history": sorted(history.history)}
 
 
+def _gradnorm_model_skips(build, x, y, steps=4):
+    """GradNormModel under mixed_float16 with a loss scale that overflows at first."""
+    from keras_gradtools import GradientMonitor
+
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        keras.utils.set_random_seed(0)
+        model = build()
+        model.compile(optimizer=keras.optimizers.LossScaleOptimizer(
+            keras.optimizers.SGD(0.1), initial_scale=2.0 ** 18),
+            loss="sparse_categorical_crossentropy")
+        logger = GradNormLogger()
+        monitor = GradientMonitor(logger, check_every=1, verbose=0)
+        model.fit(x[:steps * BATCH], y[:steps * BATCH], batch_size=BATCH, shuffle=False,
+                  verbose=0, callbacks=[logger, monitor])
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    return {"rows": int(len(logger.norms)), "skipped": logger.skipped_steps.tolist(),
+            "finite": np.isfinite(logger.norms).all(axis=1).tolist(),
+            "findings": [f.kind for f in monitor.report().findings],
+            "final_scale": float(to_numpy(model.optimizer.dynamic_scale))}
+
+
 def _steps_per_execution(x, y, steps=4):
     """The norms with steps_per_execution=2 against those of one step per call.
 
@@ -533,6 +556,7 @@ def main(tmp):
                 super().__init__(name="gradnorm_model", activation="tanh")
 
         result["models"].append(_compare("gradnorm_model", _Recording, x6, y))
+        result["gradnorm_model_skips"] = _gradnorm_model_skips(_Recording, x6, y)
         result["recording_loop"] = _torch_loop(x6, y)
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:

@@ -89,6 +89,12 @@ def test_every_step_equals_the_backends_own_gradient(checked):
     assert clipped["skipped"] == skipped["skipped"], clipped
     assert clipped["applied_nan"] == clipped["skipped"], clipped
     assert all(f != s for f, s in zip(clipped["applied_finite"], clipped["skipped"])), clipped
+    if backend == "torch":  # GradNormModel under a loss scale: its skips are skips
+        skips = result["gradnorm_model_skips"]
+        count = len(skips["skipped"])
+        assert skips["rows"] == 4 and 0 < count < 4 and skips["findings"] == [], skips
+        assert skips["final_scale"] == 2.0 ** (18 - count), skips
+        assert [not f for f in skips["finite"]] == [s in skips["skipped"] for s in range(4)]
     # Nothing trainable: no rows and no History entries from the logger, on every backend.
     assert result["nothing_trainable"] == {"keys": [], "rows": 0, "epoch_end_steps": [0, 0],
                                            "history": ["loss"]}

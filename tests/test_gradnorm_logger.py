@@ -5,7 +5,7 @@ import pytest
 import keras
 import tensorflow as tf
 
-from keras_gradtools import GradNormLogger, GradNormModel, GradNormRecorder
+from keras_gradtools import GradientMonitor, GradNormLogger, GradNormModel, GradNormRecorder
 from keras_gradtools.runs import load_run
 from numpy_references import gradient_accumulation
 
@@ -638,6 +638,30 @@ class _OwnStep(GradNormModel):
 
 def _own_step():
     return _gradnorm_functional(_OwnStep, "own")
+
+
+def test_gradnorm_model_records_loss_scale_skips_as_skipped():
+    # mixed_float16, a loss scale that overflows float16 at first: the loss-scale optimizer
+    # skips those steps. GradNormModel records them as skipped, so the monitor does not
+    # take them for non-finite gradients (which stops training by default).
+    x, y = _classification_data(n=64)
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    model = _gradnorm_functional()
+    optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.05),
+                                                    initial_scale=2.0 ** 20)
+    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy")
+    logger = GradNormLogger()
+    monitor = GradientMonitor(logger, check_every=2, verbose=0)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False,
+              callbacks=[logger, monitor])
+    skipped = logger.skipped_steps
+    assert len(logger.norms) == 8  # not stopped
+    assert 0 < len(skipped) < 8
+    # Each skip halves the scale; the steps not skipped have finite norms.
+    assert float(model.optimizer.dynamic_scale.numpy()) == 2.0 ** (20 - len(skipped))
+    assert np.isfinite(np.delete(logger.norms, skipped, axis=0)).all()
+    assert not np.isfinite(logger.norms[skipped]).all(axis=1).any()
+    assert monitor.report().findings == []
 
 
 def test_gradnorm_model_own_train_step_applies_what_record_returns():
