@@ -285,7 +285,12 @@ class GradNormLogger(keras.callbacks.Callback):
         Filled when the optimizer clips (Keras' `clipnorm`, `clipvalue`,
         `global_clipnorm`, or a `ClippedOptimizer`): the norms of the
         gradients the optimizer actually applied, step by step, beside the
-        raw ones in `history`.
+        raw ones in `history`. Not with Keras' own clipping under
+        `gradient_accumulation_steps` on Keras after 3.3, which clips the
+        accumulated mean once every N steps (`{}` then; Keras 3.3 clips each
+        batch's gradient, and that is recorded); a `ClippedOptimizer` clips
+        each batch's gradient before its inner optimizer accumulates it, and
+        that is what is recorded.
         """
         if self.applied_recorder is None:
             return {}
@@ -535,7 +540,7 @@ class GradNormLogger(keras.callbacks.Callback):
             histogram_buckets=self.histogram_buckets,
         )
         applied_recorder = None
-        if clipping.clips(optimizer):
+        if clipping.clips(optimizer) and not _clips_accumulated_mean(optimizer):
             applied_recorder = GradNormRecorder(
                 variables,
                 include_biases=self.include_biases,
@@ -651,6 +656,18 @@ class GradNormLogger(keras.callbacks.Callback):
             if self.writer is not None:
                 self.writer.close()
                 self.writer = None
+
+
+def _clips_accumulated_mean(optimizer):
+    """Whether Keras' own clipping acts on an accumulated mean (`gradient_accumulation_steps`).
+
+    Keras (after 3.3) then clips the mean of N batches' gradients once every
+    N steps: no per-step post-clipping gradient exists to record.
+    """
+    found = clipping.layout(optimizer)
+    return (bool(found.keras_clipping)
+            and bool(getattr(found.base, "gradient_accumulation_steps", None))
+            and internals.keras_clips_accumulated_mean())
 
 
 def _iterations(optimizer):

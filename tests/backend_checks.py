@@ -545,6 +545,11 @@ def main(tmp):
     ]}
     result["models"].append(_compare("custom_train_step", _CustomStep, x6, y))
     result["gradient_accumulation"] = gradient_accumulation()
+    from keras_gradtools import internals
+
+    clip_mean = internals.keras_clips_accumulated_mean()
+    result["gradient_accumulation_clipnorm"] = dict(
+        gradient_accumulation(clipnorm=0.5, clip_mean=clip_mean), clip_mean=clip_mean)
     result["nothing_trainable"] = _nothing_trainable(x6, y)
     if BACKEND == "jax":  # Keras' PyTorch trainer takes steps_per_execution=1 only
         result["steps_per_execution"] = _steps_per_execution(x6, y)

@@ -6,6 +6,7 @@ import keras
 import tensorflow as tf
 
 from keras_gradtools import GradientMonitor, GradNormLogger, GradNormModel, GradNormRecorder
+from keras_gradtools import internals
 from keras_gradtools.runs import load_run
 from numpy_references import gradient_accumulation
 
@@ -443,6 +444,17 @@ def test_gradient_accumulation_records_each_batch_gradient():
     result = gradient_accumulation()
     assert result["steps"] == 4 and result["max_rel"] <= RTOL, result
     assert result["weights_max_abs"] <= 1e-6, result
+    # With Keras' clipnorm, Keras (after 3.3) clips the accumulated mean once every 2
+    # steps: the raw norms are recorded as before, and no per-step applied norm exists.
+    # Keras 3.3 clips each batch's gradient before accumulating it: that is recorded.
+    clip_mean = internals.keras_clips_accumulated_mean()
+    clipped = gradient_accumulation(clipnorm=0.5, clip_mean=clip_mean)
+    assert clipped["max_rel"] <= RTOL and clipped["weights_max_abs"] <= 1e-6, clipped
+    if clip_mean:
+        assert clipped["applied_keys"] == []
+    else:
+        assert len(clipped["applied_keys"]) == 1, clipped
+        assert clipped["applied_max_rel"] <= RTOL, clipped
 
 
 # ---------------------------------------------------------------------------
