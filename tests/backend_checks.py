@@ -152,8 +152,6 @@ def _nothing_trainable(x, y, steps=4):
 
 def _gradnorm_model_skips(build, x, y, steps=4):
     """GradNormModel under mixed_float16 with a loss scale that overflows at first."""
-    from keras_gradtools import GradientMonitor
-
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
         keras.utils.set_random_seed(0)
