@@ -164,7 +164,9 @@ def test_clipping_history_tensorboard_and_run_dir(checked):
     # Recording, probes, save and figures read the backend's tensors without NumPy 2's
     # copy DeprecationWarning (Keras' own np.array copies raise it on JAX and torch).
     assert tools["copy_warnings"] == []
-    assert tools["figures"] == ["accuracy.png", "activations.png", "grad_norms_steps.png", "gradient_flow.png", "loss_and_grad_norms.png", "norm_heatmap.png", "update_ratios.png"]
+    assert tools["figures"] == ["accuracy.png", "activations.png", "grad_norms_steps.png",
+                                "gradient_flow.png", "loss_and_grad_norms.png",
+                                "norm_heatmap.png", "update_ratios.png"]
 
 
 def test_checkpoints_written_during_fit_load_whole(checked):
