@@ -286,11 +286,11 @@ class GradNormLogger(keras.callbacks.Callback):
         `global_clipnorm`, or a `ClippedOptimizer`): the norms of the
         gradients the optimizer actually applied, step by step, beside the
         raw ones in `history`. Not with Keras' own clipping under
-        `gradient_accumulation_steps` on Keras after 3.3, which clips the
-        accumulated mean once every N steps (`{}` then; Keras 3.3 clips each
-        batch's gradient, and that is recorded); a `ClippedOptimizer` clips
-        each batch's gradient before its inner optimizer accumulates it, and
-        that is what is recorded.
+        `gradient_accumulation_steps` from Keras 3.5 on, which clips the
+        accumulated mean once every N steps (`{}` then; Keras 3.3 and 3.4
+        clip each batch's gradient, and that is recorded); a
+        `ClippedOptimizer` clips each batch's gradient before its inner
+        optimizer accumulates it, and that is what is recorded.
         """
         if self.applied_recorder is None:
             return {}
@@ -661,8 +661,8 @@ class GradNormLogger(keras.callbacks.Callback):
 def _clips_accumulated_mean(optimizer):
     """Whether Keras' own clipping acts on an accumulated mean (`gradient_accumulation_steps`).
 
-    Keras (after 3.3) then clips the mean of N batches' gradients once every
-    N steps: no per-step post-clipping gradient exists to record.
+    Keras (3.5 on) then clips the mean of N batches' gradients once every N
+    steps: no per-step post-clipping gradient exists to record.
     """
     found = clipping.layout(optimizer)
     return (bool(found.keras_clipping)

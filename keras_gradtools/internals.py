@@ -18,7 +18,7 @@ Contact points (tested on Keras 3.3.3 / TF 2.16.2 and Keras 3.15.1 / TF
 | `LossScaleOptimizer._stateless_handle_non_finite_grads`, replaced while traced on JAX (`patch_stateless_non_finite_handler`) | JAX with mixed_float16: a skipped step never reaches the inner optimizer's `apply`; this is where the recorders write its row (NaN, flagged) | none |
 | `optimizer._trainable_variables` (`optimizer_variables`) | `apply(grads)` called without variables applies to these | none |
 | `optimizer._clip_gradients` (`keras_clip`) | the gradients Keras' own `clipnorm` / `clipvalue` / `global_clipnorm` leave, to record the applied norms | re-implementing Keras' clipping (it would drift from Keras') |
-| the source of `keras.src.optimizers.base_optimizer.BaseOptimizer.apply` (`keras_clips_accumulated_mean`) | under `gradient_accumulation_steps` Keras 3.3 clips each batch's gradient, later versions the accumulated mean: the applied norms exist per step only in the first case | a Keras version threshold (not known here to the release) |
+| the source of `keras.src.optimizers.base_optimizer.BaseOptimizer.apply` (`keras_clips_accumulated_mean`) | under `gradient_accumulation_steps` Keras up to 3.4 clips each batch's gradient, 3.5 on the accumulated mean (keras-team/keras#19998): the applied norms exist per step only in the first case | the version threshold 3.5.0 (the fallback where the source is not installed) |
 | `optimizer._distribution_strategy` (`strategy_of`) | the strategy a TF optimizer was created under (a custom loop may run outside its scope) | `tf.distribute.get_strategy()` inside the scope |
 | `model._call_has_training_arg`, `model._compute_loss` / `compute_loss`, `model._loss_tracker`, `keras.src.losses.loss.unscale_loss_for_distribution` (`forward`, `compute_loss`, `track_loss`) | `GradNormModel.train_step` does what Keras' TF `train_step` does, on every supported version (the `training` argument of `compute_loss` arrived in 3.3, `_compute_loss` and the unscaling later) | a train step that keeps its own loss metric (Keras' custom `train_step` guide); its `loss` would then not be Keras' |
 | `tensorflow.python.ops.resource_variable_ops.ResourceVariable` (`local_variable`) | the ring buffer: a plain variable even inside `strategy.scope()` (written by one replica per worker) | none: `tf.Variable` inside a scope becomes a distributed variable |
@@ -307,9 +307,11 @@ def keras_clip(optimizer, grads):
 def keras_clips_accumulated_mean():
     """Whether Keras' own clipping acts on the accumulated mean under `gradient_accumulation_steps`.
 
-    Keras 3.3 clips each batch's gradient in `apply`, before accumulating
-    it; later versions clip the mean of N batches' gradients once every N
-    steps, inside `_backend_apply_gradients`. Read from Keras' own `apply`.
+    Keras up to 3.4 clips each batch's gradient in `apply`, before
+    accumulating it; from 3.5 (keras-team/keras#19998) it clips the mean of
+    N batches' gradients once every N steps, inside
+    `_backend_apply_gradients`. Read from Keras' own `apply`, or from the
+    version where its source is not installed.
     """
     global _CLIPS_MEAN
     if _CLIPS_MEAN is None:
@@ -317,7 +319,10 @@ def keras_clips_accumulated_mean():
 
         from keras.src.optimizers.base_optimizer import BaseOptimizer
 
-        _CLIPS_MEAN = "_clip_gradients" not in inspect.getsource(BaseOptimizer.apply)
+        try:
+            _CLIPS_MEAN = "_clip_gradients" not in inspect.getsource(BaseOptimizer.apply)
+        except (OSError, TypeError):  # no source (a .pyc-only install)
+            _CLIPS_MEAN = KERAS_VERSION >= (3, 5, 0)
     return _CLIPS_MEAN
 
 

@@ -444,9 +444,9 @@ def test_gradient_accumulation_records_each_batch_gradient():
     result = gradient_accumulation()
     assert result["steps"] == 4 and result["max_rel"] <= RTOL, result
     assert result["weights_max_abs"] <= 1e-6, result
-    # With Keras' clipnorm, Keras (after 3.3) clips the accumulated mean once every 2
+    # With Keras' clipnorm, Keras (3.5 on) clips the accumulated mean once every 2
     # steps: the raw norms are recorded as before, and no per-step applied norm exists.
-    # Keras 3.3 clips each batch's gradient before accumulating it: that is recorded.
+    # Keras 3.3 and 3.4 clip each batch's gradient before accumulating it: recorded.
     clip_mean = internals.keras_clips_accumulated_mean()
     clipped = gradient_accumulation(clipnorm=0.5, clip_mean=clip_mean)
     assert clipped["max_rel"] <= RTOL and clipped["weights_max_abs"] <= 1e-6, clipped

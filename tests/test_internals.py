@@ -147,3 +147,20 @@ def test_torch_norms_equal_vector_norm_whichever_torch_function_exists(monkeypat
     if path != "per_tensor":  # one call for every tensor (after a dtype probe, private)
         assert calls[-1:] == [4]
     assert internals.torch_norms([]) == ()
+
+
+def test_accumulated_clipping_semantics_without_keras_source(monkeypatch):
+    # Read from Keras' `apply` (checked against NumPy on 3.3.3 and 3.15.1 in
+    # test_gradient_accumulation_records_each_batch_gradient); where no source is
+    # installed, the release that changed it (3.5.0) gives the same answer.
+    import inspect
+
+    from_source = internals.keras_clips_accumulated_mean()
+    assert from_source == (internals.KERAS_VERSION >= (3, 5, 0))
+
+    def no_source(obj):
+        raise OSError("could not get source code")
+
+    monkeypatch.setattr(internals, "_CLIPS_MEAN", None)
+    monkeypatch.setattr(inspect, "getsource", no_source)
+    assert internals.keras_clips_accumulated_mean() == from_source
