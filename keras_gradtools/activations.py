@@ -236,7 +236,7 @@ class ActivationProbe:
                 "`activation_outputs=fn` (`fn(model, x) -> {layer_name: output}`, running "
                 "the model's own layers on `x`), or leave `probe_data` unset. Received: "
                 f"model={model.name!r}")
-        _check_fits(model, inputs, data)
+        _check_fits(model, data)
         self._watched = self._choose(model, layers)
         outputs = []
         for layer, name, _params in self._watched:
@@ -335,22 +335,24 @@ class ActivationProbe:
         return stats
 
 
-def _check_fits(model, inputs, data):
+def _check_fits(model, data):
     """Refuses probe data whose samples do not have the shape of the model's inputs."""
+    from keras_gradtools.facts import input_fits, input_specs
+
+    specs = input_specs(model)
     if isinstance(data, dict):
-        pairs = [(t, data.get(getattr(t, "name", None))) for t in inputs]
+        pairs = [(spec, data.get(spec[0])) for spec in specs]
     elif isinstance(data, (list, tuple)):
-        pairs = list(zip(inputs, data)) if len(data) == len(inputs) else []
+        pairs = list(zip(specs, data)) if len(data) == len(specs) else []
     else:
-        pairs = [(inputs[0], data)] if len(inputs) == 1 else []
-    for index, (tensor, values) in enumerate(pairs):
+        pairs = [(specs[0], data)] if len(specs) == 1 else []
+    for index, ((name, wanted), values) in enumerate(pairs):
         shape = getattr(values, "shape", None)
         if shape is None:
             continue
-        wanted, got = tuple(tensor.shape[1:]), tuple(shape[1:])
-        if len(wanted) != len(got) or any(w is not None and w != g
-                                          for w, g in zip(wanted, got)):
-            which = "" if len(inputs) == 1 else f" {index} ({getattr(tensor, 'name', '')!r})"
+        got = tuple(shape[1:])
+        if not input_fits(wanted, got):
+            which = "" if len(specs) == 1 else f" {index} ({name!r})"
             raise ValueError(
                 f"`probe_data` does not fit model {model.name!r}: its input{which} takes "
                 f"samples of shape {wanted}, the probe data's are {got}. Received: "

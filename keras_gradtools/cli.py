@@ -313,25 +313,16 @@ def check(model_path, data_source, loss, batch_size, as_json):
     click.echo(str(report))
 
 
-def _input_specs(model):
-    """`[(name, shape without the batch axis)]` of a model's inputs."""
-    return [(getattr(t, "name", f"input_{i}"), tuple(t.shape[1:]))
-            for i, t in enumerate(model.inputs)]
-
-
-def _fits(shape, data_shape):
-    return len(shape) == len(data_shape) and all(
-        s is None or s == d for s, d in zip(shape, data_shape))
-
-
 def _check_data(model, data_source, batch_size):
     """The batch for `gradtools check`: `(x, y)`, shapes checked against the model's inputs."""
     import numpy as np
 
+    from keras_gradtools.facts import input_fits, input_specs
+
     from keras_gradtools.data import load_mnist
 
     try:
-        specs = _input_specs(model)
+        specs = input_specs(model)
     except (AttributeError, ValueError):
         raise click.UsageError(
             "the model's inputs are not known (a subclassed model saved before it was "
@@ -375,7 +366,7 @@ def _check_data(model, data_source, batch_size):
         named = {name: arrays[f"x_{name}"] for name, _ in specs}
     for name, shape in specs:
         data_shape = tuple(named[name].shape[1:])
-        if not _fits(shape, data_shape):
+        if not input_fits(shape, data_shape):
             raise click.UsageError(
                 f"the data for input {name!r} has samples of shape {data_shape}, the model "
                 f"takes {shape}")

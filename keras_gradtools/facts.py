@@ -9,6 +9,18 @@ _NORMALIZATION = ("BatchNormalization", "LayerNormalization", "GroupNormalizatio
                   "UnitNormalization", "RMSNormalization")
 
 
+def input_specs(model):
+    """`[(name, shape without the batch axis)]` of a model's inputs."""
+    return [(getattr(t, "name", f"input_{i}"), tuple(t.shape[1:]))
+            for i, t in enumerate(model.inputs)]
+
+
+def input_fits(shape, data_shape):
+    """Whether samples of `data_shape` fit an input of `shape` (`None`: any size there)."""
+    return len(shape) == len(data_shape) and all(
+        s is None or s == d for s, d in zip(shape, data_shape))
+
+
 def _walk(layer, seen):
     """The layer and every layer inside it that Keras lists (`layers`) or it holds."""
     if id(layer) in seen:
