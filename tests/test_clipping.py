@@ -283,6 +283,25 @@ def test_under_mixed_float16_clipping_acts_on_unscaled_gradients(wrapped):
     np.testing.assert_allclose(logger.applied_global_norms[0], 0.05, rtol=1e-3)
 
 
+def _fit_and_measure_moves(model, x, y, logger, lr):
+    """One epoch of `fit()` in batches of 8, in order: each step's global weight move / lr.
+
+    Under plain SGD that is the global norm of the gradient the step applied.
+    """
+    before = []
+
+    class Weights(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            before.append([v.numpy() for v in self.model.trainable_variables])
+
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False,
+              callbacks=[logger, Weights()])
+    after = before[1:] + [[v.numpy() for v in model.trainable_variables]]
+    return np.array([np.sqrt(sum(np.sum((a - b).astype(np.float64) ** 2)
+                                 for a, b in zip(w0, w1))) / lr
+                     for w0, w1 in zip(before, after)])
+
+
 @pytest.fixture
 def float64_floatx():
     policy = keras.config.dtype_policy()
@@ -306,17 +325,7 @@ def test_stateful_presets_train_a_float64_model(clip, float64_floatx):
                                       **({"warmup": 2} if clip == "zclip" else {})),
                   "sparse_categorical_crossentropy")
     logger = GradNormLogger(include_biases=True)
-    before = []
-
-    class Weights(keras.callbacks.Callback):
-        def on_train_batch_begin(self, batch, logs=None):
-            before.append([v.numpy() for v in self.model.trainable_variables])
-
-    model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False,
-              callbacks=[logger, Weights()])
-    after = before[1:] + [[v.numpy() for v in model.trainable_variables]]
-    moved = [np.sqrt(sum(np.sum((a - b) ** 2) for a, b in zip(w0, w1))) / 0.1
-             for w0, w1 in zip(before, after)]
+    moved = _fit_and_measure_moves(model, x, y, logger, lr=0.1)
     np.testing.assert_allclose(logger.applied_global_norms, moved, rtol=1e-6)
     assert np.all(logger.applied_global_norms <= logger.global_norms * (1 + 1e-6))
     state = [v for v in model.optimizer.variables if "count" not in v.name
@@ -340,20 +349,9 @@ def test_skipped_loss_scale_steps_keep_the_applied_rows_in_step(clip):
         model.compile(keras.optimizers.LossScaleOptimizer(optimizer, initial_scale=2.0 ** 19),
                       "sparse_categorical_crossentropy")
         logger = GradNormLogger(include_biases=True)
-        before = []
-
-        class Weights(keras.callbacks.Callback):
-            def on_train_batch_begin(self, batch, logs=None):
-                before.append([v.numpy() for v in self.model.trainable_variables])
-
-        model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False,
-                  callbacks=[logger, Weights()])
+        moved = _fit_and_measure_moves(model, x, y, logger, lr=0.1)
     finally:
         keras.mixed_precision.set_global_policy("float32")
-    after = before[1:] + [[v.numpy() for v in model.trainable_variables]]
-    moved = np.array([np.sqrt(sum(np.sum((a - b).astype(np.float64) ** 2)
-                                  for a, b in zip(w0, w1))) / 0.1
-                      for w0, w1 in zip(before, after)])
     skipped = logger.skipped_steps
     assert 0 < len(skipped) < 8 and list(skipped) == list(range(len(skipped)))
     assert logger.applied_global_norms.shape == logger.global_norms.shape == (8,)
