@@ -99,6 +99,23 @@ def compute_weight_gradient_norms(
     }
 
 
+def _keeping_state(model, batch_gradients):
+    """`batch_gradients`, with the model's non-trainable variables put back after each call.
+
+    Batch normalization's moving statistics (updated in training mode) and
+    any other state the forward pass moved stay as they were. JAX's
+    stateless gradient needs no such care.
+    """
+    def call(xb, yb):
+        before = [norms_lib.to_numpy(v) for v in model.non_trainable_variables]
+        grads = batch_gradients(xb, yb)
+        for v, value in zip(model.non_trainable_variables, before):
+            v.assign(value)
+        return grads
+
+    return call
+
+
 def _gradient_function(model, variables, training):
     """`(x, y) -> [gradient of the model's loss for each of variables]`, as NumPy arrays.
 
@@ -120,16 +137,7 @@ def _gradient_function(model, variables, training):
                 for g, v in zip(grads, variables)
             ]
 
-        def gradients(xb, yb):
-            before = [norms_lib.to_numpy(v) for v in model.non_trainable_variables]
-            grads = [g.numpy() for g in batch_gradients(xb, yb)]
-            # Batch normalization's moving statistics (updated in training mode)
-            # and any other state the call moved stay as they were.
-            for v, value in zip(model.non_trainable_variables, before):
-                v.assign(value)
-            return grads
-
-        return gradients
+        return _keeping_state(model, lambda xb, yb: [g.numpy() for g in batch_gradients(xb, yb)])
     if backend == "jax":
         import jax
 
@@ -155,7 +163,6 @@ def _gradient_function(model, variables, training):
         def batch_gradients(xb, yb):
             xb = keras.tree.map_structure(keras.ops.convert_to_tensor, xb)
             yb = keras.tree.map_structure(keras.ops.convert_to_tensor, yb)
-            before = [norms_lib.to_numpy(v) for v in model.non_trainable_variables]
             for v in variables:
                 v.value.grad = None
             y_pred = internals.forward(model, xb) if training else model(xb, training=False)
@@ -165,12 +172,9 @@ def _gradient_function(model, variables, training):
                      else v.value.grad.detach().cpu().numpy() for v in variables]
             for v in variables:
                 v.value.grad = None
-            # Batch normalization's moving statistics stay as they were.
-            for v, value in zip(model.non_trainable_variables, before):
-                v.assign(value)
             return grads
 
-        return batch_gradients
+        return _keeping_state(model, batch_gradients)
     raise ValueError(
         "Gradient probes run on the tensorflow, jax and torch backends of Keras. "
         f"Received: keras.backend.backend()={backend!r}")
