@@ -508,6 +508,7 @@ def _probe(tmp):
     model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax", name="out")(h),
                         name="reg")
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy")
+    # np.array: a copy of the test's own, so the check does not rest on to_numpy copying.
     frozen = [np.array(to_numpy(v)) for v in model.non_trainable_variables]
     probe = compute_weight_gradient_norms(model, x, y, batch_size=16, include_biases=True,
                                           training=True)
