@@ -22,7 +22,12 @@ layer's output on the host to:
 Which layers are watched: every layer of a `Sequential` or Functional model
 that has an `activation` (Dense, convolutions, ...) or is an activation
 layer (`Activation`, `ReLU`, `LeakyReLU`, `ELU`), except the model's output
-layers; or the layers named in `layers`. A subclassed model does not expose
+layers, also inside the Functional and Sequential models nested in it (a
+`keras.applications` base, a keras-hub backbone); or the layers named in
+`layers`. Only a layer that runs Keras' own `call` counts by its
+`activation`: a layer of another library or of the user's own that stores
+one (a transformer block's feed-forward activation, say) may return
+something else, such as its normalized residual sum. A subclassed model does not expose
 its layers' outputs: give `outputs_fn(model, x) -> {layer_name: tensor}`,
 a function that runs the model's own layers on `x` and returns the outputs
 to watch (the names must be layers of the model, `model.get_layer(name)`),
@@ -52,6 +57,10 @@ def _activation_name(activation):
 def activation_of(layer):
     """`(name, params)` of a layer's activation, or `None` if it has none.
 
+    A layer with an `activation` counts only if it runs Keras' own `call`
+    (Keras' layers and subclasses that keep their `call`), whose output is
+    the activation's output.
+
     `name` is the activation's function name (`"sigmoid"`, `"relu"`,
     `"leaky_relu"`, ...); `params` holds what its derivative needs
     (`negative_slope`, `alpha`, `max_value`).
@@ -79,12 +88,22 @@ def activation_of(layer):
     if kind == "ELU":
         return "elu", {"alpha": float(getattr(layer, "alpha", 1.0))}
     if isinstance(layer, keras.layers.Layer) and hasattr(layer, "activation") and not isinstance(
-            layer, keras.Model):
+            layer, keras.Model) and _keras_call(layer):
         name = _activation_name(layer.activation)
         if name == "leaky_relu":
             return name, {"negative_slope": 0.2}  # keras.activations.leaky_relu's default
         return name, {}
     return None
+
+
+def _keras_call(layer):
+    """Whether the layer runs a `call` of Keras' own (Dense, Conv2D, ... or a subclass
+    that keeps it), whose output is its `activation`'s output. A layer of another
+    library or of the user that stores an `activation` (a transformer block's
+    feed-forward activation, say) may return something else: its residual sum,
+    normalized."""
+    module = getattr(getattr(type(layer), "call", None), "__module__", None) or ""
+    return module == "keras" or module.startswith("keras.")
 
 
 def _gain(values, name, params, inputs=None):
@@ -237,49 +256,63 @@ class ActivationProbe:
                 "the model's own layers on `x`), or leave `probe_data` unset. Received: "
                 f"model={model.name!r}")
         _check_fits(model, data)
-        self._watched = self._choose(model, layers)
-        outputs = []
-        for layer, name, _params in self._watched:
-            outputs.append(layer.output)
-            if name in _FROM_INPUT and isinstance(layer, keras.layers.Activation):
-                outputs.append(layer.input)
+        self._watched, outputs = self._choose(model, layers)
         self._probe = keras.Model(inputs[0] if len(inputs) == 1 else inputs, outputs,
                                   name=f"{model.name}_activations")
-        self.names = [_layer_path(layer) for layer, _, _ in self._watched]
+        self.names = _unique([path for _layer, _name, _params, path in self._watched])
+        self._watched = [(layer, name, params) for layer, name, params, _ in self._watched]
 
     @staticmethod
     def _choose(model, layers):
-        output_ids = {id(t) for t in (model.outputs or [])}
-        watched, by_name = [], {layer.name: layer for layer in model.layers}
+        """The watched layers, `(layer, activation, params, path)`, and the tensors to read.
+
+        The tensors are in `model`'s graph: each watched layer's output, then,
+        for an `Activation` layer of GELU or SiLU, its input. A Functional or
+        Sequential model nested in `model` (a `keras.applications` base, a
+        keras-hub backbone) is searched too: its layers are read through a
+        model of its own, called on the tensor that feeds it in `model`.
+        """
         if layers is not None:
-            for name in layers:
-                if name not in by_name:
+            wanted = list(layers)
+            found = {}
+
+            def pick(layer, _is_output):
+                if layer.name not in wanted or layer.name in found:
+                    return None
+                activation = activation_of(layer)
+                if activation is None:
                     raise ValueError(
-                        f"No layer named {name!r} in model {model.name!r}; its layers are "
-                        f"{', '.join(by_name)}. Received: layers={layers!r}")
-                found = activation_of(by_name[name])
-                if found is None:
-                    raise ValueError(
-                        f"Layer {name!r} has no activation to watch. Received: "
+                        f"Layer {layer.name!r} has no activation to watch. Received: "
                         f"layers={layers!r}")
-                watched.append((by_name[name], *found))
-            return watched
-        for layer in model.layers:
-            found = activation_of(layer)
-            if found is None or found[0] == "softmax":
-                continue
-            try:
-                output = layer.output
-            except (AttributeError, ValueError):  # a layer called several times
-                continue
-            if id(output) in output_ids:
-                continue
-            watched.append((layer, *found))
+                found[layer.name] = True
+                return activation
+        else:
+            def pick(layer, is_output):
+                activation = activation_of(layer)
+                if activation is None or activation[0] == "softmax" or is_output:
+                    return None
+                return activation
+
+        watched = _watch(model, pick, {id(t) for t in (model.outputs or [])}, prefix="")
+        if layers is not None:
+            missing = [name for name in wanted if name not in found]
+            if missing:
+                names = [layer.name for layer in model.layers]
+                raise ValueError(
+                    f"No layer named {missing[0]!r} in model {model.name!r}; its layers are "
+                    f"{', '.join(names)}. Received: layers={layers!r}")
+            order = {name: i for i, name in enumerate(wanted)}
+            watched.sort(key=lambda item: order[item[0].name])
         if not watched:
             raise ValueError(
-                f"Model {model.name!r} has no hidden layer with an activation to watch. "
-                f"Received: layers={layers!r}")
-        return watched
+                f"Model {model.name!r} has no hidden layer with an activation to watch (a "
+                "Keras layer with an `activation`, or an activation layer, in the model or "
+                "in a Functional or Sequential model nested in it). Name the layers to "
+                "watch, pass `activation_outputs=fn` (`fn(model, x) -> {layer_name: "
+                "output}`), or leave `probe_data` unset. Received: "
+                f"layers={layers!r}")
+        return ([item[:4] for item in watched],
+                [tensor for item in watched for tensor in item[4]])
 
     def __call__(self):
         """The statistics now: `{layer_path: stats}` (see `layer_stats`), input to output."""
@@ -357,6 +390,72 @@ def _check_fits(model, data):
                 f"`probe_data` does not fit model {model.name!r}: its input{which} takes "
                 f"samples of shape {wanted}, the probe data's are {got}. Received: "
                 f"probe_data of shape {tuple(shape)}")
+
+
+def _watch(model, pick, output_ids, prefix):
+    """`(layer, activation, params, path, tensors)` for the layers `pick` accepts, in order.
+
+    `pick(layer, is_output) -> (activation, params) or None`. `tensors` are
+    in `model`'s graph (see `ActivationProbe._choose`); nested graph models
+    are searched in their place, `prefix` naming the weightless layers found
+    inside them.
+    """
+    import keras
+
+    from keras_gradtools import internals
+
+    watched = []
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            call = internals.first_call(layer) if _is_graph(layer) else None
+            if call is None:
+                continue
+            call_inputs, call_outputs = call
+            inner_output_ids = ({id(t) for t in layer.outputs}
+                                if any(id(t) in output_ids for t in call_outputs) else set())
+            inner = _watch(layer, pick, inner_output_ids, f"{prefix}{layer.name}/")
+            if not inner:
+                continue
+            tensors = [tensor for item in inner for tensor in item[4]]
+            if len(layer.inputs) == 1:
+                reader = keras.Model(layer.inputs[0], tensors)
+                mapped = reader(call_inputs[0])
+            else:
+                reader = keras.Model(list(layer.inputs), tensors)
+                mapped = reader(list(call_inputs))
+            mapped = list(mapped) if isinstance(mapped, (list, tuple)) else [mapped]
+            for layer_, name, params, path, own in inner:
+                watched.append((layer_, name, params, path, mapped[:len(own)]))
+                mapped = mapped[len(own):]
+            continue
+        try:
+            output = layer.output
+        except (AttributeError, ValueError):  # never called in this graph
+            continue
+        if isinstance(output, (list, tuple)):
+            continue
+        found = pick(layer, id(output) in output_ids)
+        if found is None:
+            continue
+        name, params = found
+        tensors = [output]
+        if name in _FROM_INPUT and isinstance(layer, keras.layers.Activation):
+            tensors.append(layer.input)
+        path = _layer_path(layer)
+        if not layer.weights:
+            path = prefix + path
+        watched.append((layer, name, params, path, tensors))
+    return watched
+
+
+def _unique(paths):
+    """`paths` with a repeated one suffixed `#2`, `#3`, ... (equal layer names in two
+    nested models)."""
+    seen, unique = {}, []
+    for path in paths:
+        seen[path] = seen.get(path, 0) + 1
+        unique.append(path if seen[path] == 1 else f"{path}#{seen[path]}")
+    return unique
 
 
 def _is_graph(model):

@@ -140,8 +140,10 @@ class GradNormLogger(keras.callbacks.Callback):
             statistics. Defaults to `None`.
         activation_freq: steps between two activation probes (the first
             runs before step 0). Defaults to `200`.
-        activation_layers: names of the layers to watch, or `None` for every
-            hidden layer with an activation. Defaults to `None`.
+        activation_layers: names of the layers to watch (also layers of a
+            Functional or Sequential model nested in the model), or `None`
+            for every hidden layer with an activation, nested models'
+            included. Defaults to `None`.
         activation_outputs: for a subclassed model, `fn(model, x) ->
             {layer_name: output}` giving the outputs to watch. Defaults to
             `None`.

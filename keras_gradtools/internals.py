@@ -16,6 +16,7 @@ Contact points (tested on Keras 3.3.3 / TF 2.16.2 and Keras 3.15.1 / TF
 | `optimizer._all_reduce_sum_gradients` (TF optimizer), replaced on the instance while traced (`patch_all_reduce`) | under `tf.distribute` with several replicas: the summed gradient, once, as it leaves the all-reduce that Keras already does (the logger records it; `ClippedOptimizer` clips it) | `replica_context.all_reduce` in our own code, at the price of a second all-reduce |
 | `LossScaleOptimizer._stateful_handle_non_finite_grads`, replaced while traced (`patch_non_finite_handler`) | several replicas: the step the loss-scale optimizer skips never reaches the all-reduce; this is where it says so | none |
 | `LossScaleOptimizer._stateless_handle_non_finite_grads`, replaced while traced on JAX (`patch_stateless_non_finite_handler`) | JAX with mixed_float16: a skipped step never reaches the inner optimizer's `apply`; this is where the recorders write its row (NaN, flagged) | none |
+| `layer._inbound_nodes[0]`: its `arguments` and `output_tensors` (`first_call`) | the activation probe reads the layers of a model nested in the user's (a `keras.applications` base, a keras-hub backbone) through a model of their own, called on the tensor that feeds the nested model in the outer graph | none: a nested Functional model's public `input` / `output` are its own graph's |
 | `optimizer._trainable_variables` (`optimizer_variables`) | `apply(grads)` called without variables applies to these | none |
 | `optimizer._clip_gradients` (`keras_clip`) | the gradients Keras' own `clipnorm` / `clipvalue` / `global_clipnorm` leave, to record the applied norms | re-implementing Keras' clipping (it would drift from Keras') |
 | the source of `keras.src.optimizers.base_optimizer.BaseOptimizer.apply` (`keras_clips_accumulated_mean`) | under `gradient_accumulation_steps` Keras up to 3.4 clips each batch's gradient, 3.5 on the accumulated mean (keras-team/keras#19998): the applied norms exist per step only in the first case | the version threshold 3.5.0 (the fallback where the source is not installed) |
@@ -292,6 +293,25 @@ def live_values(model, variables):
 # ----------------------------------------------------------------------
 # Private reads
 # ----------------------------------------------------------------------
+
+
+def first_call(layer):
+    """The tensors of a layer's first call in a functional graph, or `None` if never called.
+
+    Returns `(inputs, outputs)`, each a flat list of symbolic tensors: the
+    first argument the layer was called with (its `inputs`) and what the call
+    returned. For a model nested in another, this is where it sits in the
+    outer graph; its public `input` / `output` are its own graph's.
+    """
+    nodes = getattr(layer, "_inbound_nodes", None)
+    if not nodes:
+        return None
+    node = nodes[0]
+    args, kwargs = node.arguments.args, node.arguments.kwargs
+    inputs = args[0] if args else kwargs.get("inputs")
+    if inputs is None:
+        return None
+    return keras.tree.flatten(inputs), list(node.output_tensors)
 
 
 def optimizer_variables(optimizer):

@@ -527,6 +527,32 @@ def _probe(tmp):
             "cli": json.loads(result.stdout)["norms"] if result.exit_code == 0 else result.output}
 
 
+def _nested_activations():
+    """The activation probe in a model nested in the user's (a base model, a backbone):
+    each watched layer's mean against a NumPy forward pass."""
+    from keras_gradtools.activations import ActivationProbe
+
+    x = np.random.default_rng(3).normal(size=(16, 6)).astype("float32")
+    keras.utils.set_random_seed(0)
+    inner_in = keras.Input((4,))
+    inner = keras.Model(inner_in, keras.layers.Dense(5, activation="tanh", name="t")(inner_in),
+                        name="inner")
+    model = keras.Sequential([keras.Input((6,)),
+                              keras.layers.Dense(4, activation="relu", name="first"), inner,
+                              keras.layers.Dense(3, activation="softmax", name="out")],
+                             name="outer")
+    probe = ActivationProbe(model, x)
+    stats = probe()
+    (w1, b1), (w2, b2) = model.get_layer("first").get_weights(), inner.get_layer("t").get_weights()
+    a1 = np.maximum(x.astype(np.float64) @ w1 + b1, 0.0)
+    a2 = np.tanh(a1 @ w2 + b2)
+    return {"names": probe.names,
+            "expected_names": [model.get_layer("first").kernel.path.rsplit("/", 1)[0],
+                               inner.get_layer("t").kernel.path.rsplit("/", 1)[0]],
+            "means": [stats[name]["mean"] for name in probe.names],
+            "expected_means": [float(a1.mean()), float(a2.mean())]}
+
+
 def main(tmp):
     rng = np.random.default_rng(1)
     x6, y = rng.normal(size=(32, 6)).astype("float32"), rng.integers(0, 3, 32)
@@ -570,7 +596,7 @@ def main(tmp):
     finally:
         keras.mixed_precision.set_global_policy("float32")
     result.update(tools=_tools_run(tmp), refusals=_refusals(tmp), probe=_probe(tmp),
-                  checkpoints=_checkpoints(tmp))
+                  checkpoints=_checkpoints(tmp), nested_activations=_nested_activations())
     print("RESULT " + json.dumps(result))
 
 

@@ -145,6 +145,92 @@ def test_probe_refuses_what_it_cannot_watch():
         sub.fit(x, np.zeros((8, 3)), epochs=1, verbose=0, callbacks=[logger])
 
 
+def _gelu(z):
+    from math import erf, sqrt
+
+    return 0.5 * z * (1.0 + np.vectorize(erf)(z / sqrt(2.0)))
+
+
+def test_probe_reads_the_layers_of_nested_models():
+    """A base model nested in the user's (transfer learning, a keras-hub backbone):
+    its hidden layers are watched in its place, read through the tensor that feeds
+    it, and its output layer counts as hidden unless it is the whole model's output."""
+    x, _ = _data(16)
+    keras.utils.set_random_seed(0)
+    inner_in = keras.Input((4,))
+    t = keras.layers.Dense(5, activation="tanh", name="t")(inner_in)
+    inner = keras.Model(inner_in, keras.layers.Activation("gelu", name="g")(t), name="inner")
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4, activation="relu",
+                                                                    name="first"),
+                              inner, keras.layers.Dense(3, activation="softmax", name="out")],
+                             name="outer")
+    config = model.get_config()
+    probe = ActivationProbe(model, x)
+    stats = probe()
+    (w1, b1), (wt, bt) = model.get_layer("first").get_weights(), inner.get_layer("t").get_weights()
+    a1 = np.maximum(x.astype(np.float64) @ w1 + b1, 0.0)
+    z = a1 @ wt + bt
+    a2, a3 = np.tanh(z), _gelu(np.tanh(z))
+    # Watched layers are named as their weights' recorded keys (weightless ones by the
+    # model they sit in).
+    first = model.get_layer("first").kernel.path.rsplit("/", 1)[0]
+    hidden = inner.get_layer("t").kernel.path.rsplit("/", 1)[0]
+    assert probe.names == [first, hidden, "inner/g"], probe.names  # input to output
+    assert stats[first]["mean"] == pytest.approx(a1.mean(), rel=1e-5)
+    assert stats[hidden]["mean"] == pytest.approx(a2.mean(), rel=1e-5)
+    assert stats[hidden]["gain"] == pytest.approx(np.mean(1 - a2 * a2), rel=1e-5)
+    assert stats["inner/g"]["mean"] == pytest.approx(a3.mean(), rel=1e-5)
+    # GELU's gain at its input, the tanh output: Phi(z) + z phi(z).
+    gelu_slope = (_gelu(a2 + 1e-4) - _gelu(a2 - 1e-4)) / 2e-4
+    assert stats["inner/g"]["gain"] == pytest.approx(gelu_slope.mean(), rel=1e-5)
+    # The user's model is as it was: same config, trains and saves as before.
+    assert model.get_config() == config
+    assert probe() == stats
+    # When the nested model's output is the model's output, it is not watched.
+    keras.utils.set_random_seed(0)
+    head_in = keras.Input((4,))
+    head = keras.Model(head_in, keras.layers.Dense(3, activation="tanh", name="head_out")(
+        keras.layers.Dense(5, activation="sigmoid", name="head_h")(head_in)), name="head")
+    stacked = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4, name="lin"), head])
+    names = ActivationProbe(stacked, x).names
+    assert names == [stacked.layers[0].kernel.path.rsplit("/", 1)[0],
+                     head.get_layer("head_h").kernel.path.rsplit("/", 1)[0]], names
+    # A layer named in `layers` may sit in the nested model.
+    assert ActivationProbe(model, x, layers=["g", "first"]).names == ["inner/g", first]
+
+
+def test_probe_watches_only_layers_whose_output_is_their_activation():
+    """A layer that stores an `activation` but runs a `call` of its own (here a
+    residual block) is not watched as that activation; a Keras layer's subclass that
+    keeps Keras' `call` is."""
+
+    class Residual(keras.layers.Layer):
+        def __init__(self, units, activation="relu", **kwargs):
+            super().__init__(**kwargs)
+            self.activation = keras.activations.get(activation)
+            self.dense = keras.layers.Dense(units)
+
+        def call(self, x):
+            return x + self.activation(self.dense(x))
+
+    class MyDense(keras.layers.Dense):
+        pass
+
+    x, _ = _data(16)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((6,)), MyDense(4, activation="relu", name="mine"),
+                              Residual(4, name="block"),
+                              keras.layers.Dense(3, activation="softmax", name="out")],
+                             name="net")
+    probe = ActivationProbe(model, x)
+    assert probe.names == ["net/mine"]
+    w, b = model.get_layer("mine").get_weights()
+    a = np.maximum(x @ w + b, 0.0)
+    assert probe()["net/mine"]["gain"] == pytest.approx(np.mean(a > 0), abs=1e-9)
+    with pytest.raises(ValueError, match="'block' has no activation to watch"):
+        ActivationProbe(model, x, layers=["block"])
+
+
 def test_bad_probe_data_is_refused_when_the_logger_is_made():
     with pytest.raises(ValueError, match="NaN or Inf"):
         GradNormLogger(probe_data=np.array([[1.0, np.nan]]))

@@ -184,6 +184,14 @@ def test_checkpoints_written_during_fit_load_whole(checked):
     assert not c["save_left"], c
 
 
+def test_activation_probe_reads_a_nested_model(checked):
+    """The hidden layer of a model nested in the user's is watched, its mean = NumPy's."""
+    _, _, result = checked
+    nested = result["nested_activations"]
+    assert nested["names"] == nested["expected_names"]
+    np.testing.assert_allclose(nested["means"], nested["expected_means"], rtol=1e-5)
+
+
 def test_probe_and_cli_check_equal_the_first_train_step(checked):
     """Regularized model with batch norm: one-batch probe == the logger's first step."""
     backend, _, result = checked
