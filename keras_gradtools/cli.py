@@ -259,8 +259,15 @@ def compare(run_dirs, out_dir):
               help="A Keras loss name, for a model saved without one.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--import", "imports", multiple=True, metavar="MODULE|FILE.py",
+              help="A module (dotted name) or .py file that defines the model's own layers, "
+              "models or functions (registered with @keras.saving.register_keras_serializable), "
+              "imported before the model is loaded. Repeatable.")
+@click.option("--safe-mode/--no-safe-mode", default=True, show_default=True,
+              help="Keras' safe_mode when loading: --no-safe-mode loads Lambda layers that "
+              "hold Python code (only for a file you trust).")
 @backend_option
-def check(model_path, data_source, loss, batch_size, as_json):
+def check(model_path, data_source, loss, batch_size, as_json, imports, safe_mode):
     """Pre-flight check of a saved model: gradient norms at initialization, one batch."""
     import keras
 
@@ -280,12 +287,13 @@ def check(model_path, data_source, loss, batch_size, as_json):
         raise click.BadParameter(
             f"{model_path} is not a .keras archive (not a zip file: corrupt, or saved in "
             "another format)", param_hint="MODEL_PATH")
+    _import_user_code(imports)
     try:
-        model = keras.models.load_model(model_path)
+        model = keras.models.load_model(model_path, safe_mode=safe_mode)
     except Exception as e:  # keras raises many kinds for a bad file
         raise click.BadParameter(
-            f"{model_path} cannot be loaded as a Keras model ({type(e).__name__}: {e})",
-            param_hint="MODEL_PATH",
+            f"{model_path} cannot be loaded as a Keras model ({type(e).__name__}: "
+            f"{_load_error(e)})", param_hint="MODEL_PATH",
         ) from None
     x, y = _check_data(model, data_source, batch_size)
     if loss is not None:
@@ -311,6 +319,54 @@ def check(model_path, data_source, loss, batch_size, as_json):
         click.echo(f"  {key:<{width}}  {value:.3e}")
     click.echo("")
     click.echo(str(report))
+
+
+def _import_user_code(imports):
+    """Imports each `--import` value: a dotted module name, or a .py file (its folder first on
+    `sys.path`, as `python FILE.py` has it), so that its Keras objects are registered."""
+    import importlib
+    import importlib.util
+
+    for value in imports:
+        try:
+            if value.endswith(".py"):
+                if not os.path.isfile(value):
+                    raise click.BadParameter(f"no file at {value}", param_hint="--import")
+                folder = os.path.dirname(os.path.abspath(value))
+                name = os.path.splitext(os.path.basename(value))[0]
+                spec = importlib.util.spec_from_file_location(name, value)
+                module = importlib.util.module_from_spec(spec)
+                sys.path.insert(0, folder)
+                try:
+                    sys.modules[name] = module
+                    spec.loader.exec_module(module)
+                except BaseException:
+                    sys.modules.pop(name, None)
+                    raise
+                finally:
+                    sys.path.remove(folder)
+            else:
+                importlib.import_module(value)
+        except click.BadParameter:
+            raise
+        except Exception as e:
+            raise click.BadParameter(f"cannot import {value} ({type(e).__name__}: {e})",
+                                     param_hint="--import") from None
+
+
+def _load_error(error):
+    """Keras' message on a model it cannot load, without the configs it prints in full,
+    and with what to do where the cause is code that was not imported or not trusted."""
+    text = str(error)
+    if "Exception encountered: " in text:
+        text = text.rsplit("Exception encountered: ", 1)[1]
+    text = text.split(" Full object config:", 1)[0].split("\n\nconfig=", 1)[0].strip()
+    if "Could not locate" in text or "cannot be imported" in text:
+        text += (" Import the code that defines it with --import MODULE or --import FILE.py "
+                 "(a library's class: install the library).")
+    elif "safe_mode" in text:
+        text += " Pass --no-safe-mode to load it, if you trust the file."
+    return text
 
 
 def _check_data(model, data_source, batch_size):

@@ -147,6 +147,76 @@ def test_check_bad_inputs(tmp_path):
     assert "Traceback" not in result.output and "Gradient norms" not in result.output
 
 
+_LAYERS = """
+import keras
+
+
+@keras.saving.register_keras_serializable(package="gradtools_test_cli")
+class Scale(keras.layers.Layer):
+    def call(self, x):
+        return 2.0 * x
+"""
+
+
+def test_check_loads_a_model_with_the_users_own_layers(tmp_path):
+    """`--import` registers the user's layers before loading; `--no-safe-mode` loads a
+    Lambda. Without them: what is missing and what to pass, exit code 2."""
+    import importlib.util
+    import sys
+
+    import tensorflow as tf
+
+    source = tmp_path / "gradtools_test_layers.py"
+    source.write_text(_LAYERS)
+    spec = importlib.util.spec_from_file_location("gradtools_test_layers", source)
+    layers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(layers)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4, activation="tanh"),
+                              layers.Scale(), keras.layers.Dense(3, activation="softmax")])
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    model.save(tmp_path / "own.keras")
+    # As in a fresh process: the class is not registered until its module is imported.
+    keras.saving.get_custom_objects().pop("gradtools_test_cli>Scale")
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(16, 6)).astype("float32"), rng.integers(0, 3, 16)
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    args = ["check", str(tmp_path / "own.keras"), "--data", str(tmp_path / "data.npz"),
+            "--batch-size", "16", "--json"]
+    try:
+        result = CliRunner().invoke(cli.main, args)
+        # (Keras 3.3 says it "could not deserialize" the class, newer ones "could not locate")
+        assert result.exit_code == 2 and "class 'Scale'" in result.output
+        assert "--import" in result.output and "Full object config" not in result.output
+        result = CliRunner().invoke(cli.main, args + ["--import", str(tmp_path / "nope.py")])
+        assert result.exit_code == 2 and "no file at" in result.output
+        result = CliRunner().invoke(cli.main, args + ["--import", "gradtools_no_such_module"])
+        assert result.exit_code == 2 and "cannot import gradtools_no_such_module" in result.output
+        result = CliRunner().invoke(cli.main, args + ["--import", str(source)])
+        assert result.exit_code == 0, result.output
+    finally:
+        keras.saving.get_custom_objects().pop("gradtools_test_cli>Scale", None)
+        sys.modules.pop("gradtools_test_layers", None)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, model(x)))
+    kernels = [v for v in model.trainable_variables if v.path.endswith("kernel")]
+    expected = [float(tf.norm(g)) for g in tape.gradient(loss, kernels)]
+    norms = json.loads(result.output)["norms"]
+    # (A loaded Sequential's paths lack the model's name: Keras builds its layers apart.)
+    assert [k.split("/")[-2:] for k in norms] == [v.path.split("/")[-2:] for v in kernels]
+    np.testing.assert_allclose(list(norms.values()), expected, rtol=1e-5)
+
+    lam = keras.Sequential([keras.Input((6,)), keras.layers.Lambda(lambda t: 2.0 * t),
+                            keras.layers.Dense(3, activation="softmax")])
+    lam.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    lam.save(tmp_path / "lambda.keras")
+    args = ["check", str(tmp_path / "lambda.keras"), "--data", str(tmp_path / "data.npz")]
+    result = CliRunner().invoke(cli.main, args)
+    assert result.exit_code == 2 and "Pass --no-safe-mode" in result.output
+    result = CliRunner().invoke(cli.main, args + ["--no-safe-mode"])
+    assert result.exit_code == 0, result.output
+
+
 def _write_norms(directory, skipped):
     rng = np.random.default_rng(0)
     norms = (np.array([0.3, 0.6, 1.0]) * np.exp(rng.normal(0, 0.3, (120, 3)))).tolist()
