@@ -4,7 +4,11 @@ Every function returns the `Figure` it drew and, given `path`, also saves it
 (PNG, or any format matplotlib infers from the extension). They use the Agg
 backend-neutral `Figure` API, so they work headless and never pop a window.
 Series with many layers (the article's 22) get a colour map running from the
-input (dark) to the output (light) and a legend outside the axes.
+input (dark) to the output (light) and a legend outside the axes; past
+`MAX_LABELS` layers (a keras.applications or keras-hub model has hundreds of
+variables) the legend becomes a colour bar labelled at evenly spaced layers,
+the per-layer axes label every few layers, and figures stop growing with the
+number of layers.
 """
 
 import numpy as np
@@ -51,8 +55,43 @@ def short_names(keys):
     return labels
 
 
-def _legend(ax, n):
-    if n > 8:
+MAX_LABELS = 48  # the most layer names one figure lists (a legend, an axis)
+_MAX_INCHES = 24  # the most a figure grows with the number of layers
+
+
+def _labelled(n):
+    """The indices of `n` layers that get a label: all, or evenly spaced ones, the last
+    included, when there are more than `MAX_LABELS`."""
+    if n <= MAX_LABELS:
+        return list(range(n))
+    every = int(np.ceil(n / MAX_LABELS))
+    picked = list(range(0, n, every))
+    if picked[-1] != n - 1:
+        picked[-1] = n - 1
+    return picked
+
+
+def _legend(ax, labels, extra=0):
+    """A legend for the per-layer lines `labels` (input to output) and `extra` other
+    entries; past `MAX_LABELS` layers, a colour bar for the layers instead."""
+    n = len(labels) + extra
+    if len(labels) > MAX_LABELS:
+        from matplotlib.cm import ScalarMappable
+        from matplotlib.colors import ListedColormap, Normalize
+
+        layers = set(labels)
+        handles = [(h, l) for h, l in zip(*ax.get_legend_handles_labels()) if l not in layers]
+        if handles:
+            ax.legend(*zip(*handles), fontsize=8)
+        mappable = ScalarMappable(norm=Normalize(-0.5, len(labels) - 0.5),
+                                  cmap=ListedColormap(_layer_colours(len(labels))))
+        bar = ax.figure.colorbar(mappable, ax=ax, pad=0.01, fraction=0.04)
+        ticks = _labelled(len(labels))
+        bar.set_ticks(ticks)
+        bar.set_ticklabels([labels[i] for i in ticks], fontsize=6)
+        bar.ax.invert_yaxis()
+        bar.set_label(f"{len(labels)} layers, input (top) to output (bottom)")
+    elif n > 8:
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7,
                   ncol=1 if n <= 24 else 2, frameon=False)
     else:
@@ -140,7 +179,7 @@ def loss_and_grad_norms(history, title="Loss and gradient norms per epoch", path
     ax_norm.set_title("Gradient norm per layer (input dark, output light)")
     ax_norm.grid(alpha=0.3, which="both")
     if keys:
-        _legend(ax_norm, len(keys))
+        _legend(ax_norm, short_names(keys))
     fig.suptitle(title)
     return _save(fig, path)
 
@@ -230,7 +269,7 @@ def grad_norms_over_steps(norms, keys, findings=None, epoch_end_steps=None,
     ax.set_ylabel("gradient L2 norm")
     ax.set_title(title)
     ax.grid(alpha=0.3, which="major")
-    _legend(ax, len(keys) + len(findings or []))
+    _legend(ax, short_names(keys), len(findings or []))
     return _save(fig, path)
 
 
@@ -260,13 +299,14 @@ def gradient_flow(norms, keys, window=None, title="Gradient flow (input -> outpu
         mean = np.nanmean(finite, axis=0) if len(norms) else np.zeros(len(keys))
         top = np.nanmax(finite, axis=0) if len(norms) else np.zeros(len(keys))
     x = np.arange(len(keys))
-    fig = Figure(figsize=(max(6, 0.45 * len(keys) + 2), 4.5))
+    fig = Figure(figsize=(min(max(6, 0.45 * len(keys) + 2), _MAX_INCHES), 4.5))
     ax = fig.subplots()
     ax.bar(x, top, color="tab:red", alpha=0.35, label="max over the window")
     ax.bar(x, mean, color="tab:blue", alpha=0.8, label="mean over the window")
     ax.set_yscale("log")
-    ax.set_xticks(x)
-    ax.set_xticklabels(short_names(keys), rotation=60, ha="right", fontsize=7)
+    ticks, names = _labelled(len(keys)), short_names(keys)
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([names[i] for i in ticks], rotation=60, ha="right", fontsize=7)
     ax.set_xlabel("variable (input -> output)")
     ax.set_ylabel("gradient L2 norm")
     span = "all steps" if window is None else f"steps {window[0]}-{window[1]}"
@@ -303,12 +343,13 @@ def norm_heatmap(norms, keys, title="log10 gradient norm, layers x steps", max_c
         cut = steps // factor * factor
         with np.errstate(all="ignore"):
             logs = np.nanmean(logs[:cut].reshape(-1, factor, logs.shape[1]), axis=1)
-    fig = Figure(figsize=(12, max(3, 0.25 * len(keys) + 1.5)))
+    fig = Figure(figsize=(12, min(max(3, 0.25 * len(keys) + 1.5), _MAX_INCHES)))
     ax = fig.subplots()
     image = ax.imshow(logs.T, aspect="auto", interpolation="nearest", cmap="magma",
                       extent=(0, factor * len(logs), len(keys) - 0.5, -0.5))
-    ax.set_yticks(np.arange(len(keys)))
-    ax.set_yticklabels(short_names(keys), fontsize=7)
+    ticks, names = _labelled(len(keys)), short_names(keys)
+    ax.set_yticks(ticks)
+    ax.set_yticklabels([names[i] for i in ticks], fontsize=7)
     ax.set_xlabel("training step")
     ax.set_title(title)
     fig.colorbar(image, ax=ax, label="log10 norm")
@@ -385,7 +426,7 @@ def activations_over_training(activations, title="Activations per hidden layer o
     ax.set_ylabel("activation value")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    _legend(ax, len(layers))
+    _legend(ax, [layer.split("/", 1)[1] if "/" in layer else layer for layer in layers])
     return _save(fig, path)
 
 
@@ -417,7 +458,7 @@ def update_ratios_over_steps(ratios, keys, band=(1e-5, 1e-1), healthy=1e-3,
     ax.set_ylabel("||dw|| / ||w||")
     ax.set_title(title)
     ax.grid(alpha=0.3, which="major")
-    _legend(ax, len(keys) + 2)
+    _legend(ax, short_names(keys), 2)
     return _save(fig, path)
 
 

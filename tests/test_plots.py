@@ -34,6 +34,42 @@ def test_steps_plot_log_scale_lines_and_findings():
     assert legend is not None and legend.get_bbox_to_anchor().x0 > 0  # outside the axes
 
 
+def test_figures_of_a_model_with_hundreds_of_variables_stay_readable():
+    """Past plots.MAX_LABELS layers (a keras.applications or keras-hub model): a colour
+    bar labelled at evenly spaced layers, first and last included, instead of a legend
+    entry per layer; axes label every few layers; figures stop growing."""
+    keys = [f"net/block_{i // 2}/{'conv' if i % 2 == 0 else 'bn'}/kernel" for i in range(150)]
+    rng = np.random.default_rng(0)
+    norms = np.logspace(-3, 0, len(keys)) * np.exp(rng.normal(0, 0.2, size=(40, len(keys))))
+    names = plots.short_names(keys)
+    finding = {"kind": "exploding", "step": 30}
+    fig = plots.grad_norms_over_steps(norms, keys, [finding])
+    ax, bar = fig.axes
+    layer_lines = [l for l in ax.get_lines() if l.get_label() in set(names)]
+    assert len(layer_lines) == 150  # every layer still drawn
+    np.testing.assert_allclose(layer_lines[149].get_ydata(), norms[:, 149])
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["exploding (step 30)"]
+    labels = [t.get_text() for t in bar.get_yticklabels()]
+    assert labels[0] == names[0] and labels[-1] == names[-1]
+    assert 10 <= len(labels) <= plots.MAX_LABELS and set(labels) <= set(names)
+    assert "150 layers" in bar.get_ylabel()
+
+    fig = plots.gradient_flow(norms, keys)
+    ax = fig.axes[0]
+    assert len(ax.containers[1]) == 150
+    shown = [t.get_text() for t in ax.get_xticklabels()]
+    assert shown[0] == names[0] and shown[-1] == names[-1] and len(shown) <= plots.MAX_LABELS
+    assert fig.get_size_inches()[0] <= 24
+
+    fig = plots.norm_heatmap(norms, keys)
+    ax = fig.axes[0]
+    shown = [t.get_text() for t in ax.get_yticklabels()]
+    assert shown[0] == names[0] and shown[-1] == names[-1] and len(shown) <= plots.MAX_LABELS
+    # each label sits on its own layer's row
+    assert [names.index(t) for t in shown] == list(ax.get_yticks().astype(int))
+    assert fig.get_size_inches()[1] <= 24
+
+
 def test_gradient_flow_bars_input_to_output():
     norms = _norms()
     fig = plots.gradient_flow(norms, KEYS, window=(100, 200))
