@@ -101,6 +101,22 @@ def _small_cnn():
     )
 
 
+def _small_transformer(blocks=4, dim=64, heads=4):
+    """MNIST's 28 rows as a sequence of 28 tokens, through `blocks` post-norm transformer
+    encoder blocks of Keras' own layers: many small variables (10 per block)."""
+    inputs = keras.Input((28, 28, 1))
+    h = keras.layers.Dense(dim, name="embed")(keras.layers.Reshape((28, 28))(inputs))
+    for i in range(blocks):
+        a = keras.layers.MultiHeadAttention(heads, dim // heads, name=f"attention_{i}")(h, h)
+        h = keras.layers.LayerNormalization(name=f"norm_{i}a")(h + a)
+        f = keras.layers.Dense(2 * dim, activation="gelu", name=f"ffn_{i}a")(h)
+        f = keras.layers.Dense(dim, name=f"ffn_{i}b")(f)
+        h = keras.layers.LayerNormalization(name=f"norm_{i}b")(h + f)
+    h = keras.layers.GlobalAveragePooling1D()(h)
+    outputs = keras.layers.Dense(10, activation="softmax", name="output")(h)
+    return keras.Model(inputs, outputs, name="small_transformer")
+
+
 JIT_COMPILE = "auto"  # set by --jit-compile
 
 
@@ -155,6 +171,7 @@ MODELS = {
     # name: (builder, flatten inputs, batch size)
     "deep_linear": (create_deep_linear_model, True, 32),
     "small_cnn": (_small_cnn, False, 128),
+    "small_transformer": (_small_transformer, False, 64),
 }
 
 
@@ -277,7 +294,8 @@ def _choices(value, known, what, option):
 
 @click.command()
 @click.option("--models", "model_names", default="deep_linear,small_cnn",
-              show_default=True, help="Comma-separated: deep_linear, small_cnn (empty: neither).")
+              show_default=True,
+              help="Comma-separated: deep_linear, small_cnn, small_transformer (empty: none).")
 @click.option("--candidates", default=",".join(CANDIDATES), show_default=True,
               help=f"Comma-separated: {', '.join(CANDIDATES)}.")
 @click.option("--steps", default=300, show_default=True, type=click.IntRange(min=20),
