@@ -103,7 +103,7 @@ def _small_cnn():
 
 def _small_transformer(blocks=4, dim=64, heads=4):
     """MNIST's 28 rows as a sequence of 28 tokens, through `blocks` post-norm transformer
-    encoder blocks of Keras' own layers: many small variables (10 per block)."""
+    encoder blocks of Keras' own layers: many small variables (16 per block)."""
     inputs = keras.Input((28, 28, 1))
     h = keras.layers.Dense(dim, name="embed")(keras.layers.Reshape((28, 28))(inputs))
     for i in range(blocks):
