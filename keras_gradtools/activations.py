@@ -39,6 +39,8 @@ no change to the train step, on every backend. Keras is imported on first
 use: reading a run's record (`ActivationRecord`) does not import it.
 """
 
+import warnings
+
 import numpy as np
 
 _SATURATION = 0.02  # distance from the bound, as a fraction of the range
@@ -417,12 +419,17 @@ def _watch(model, pick, output_ids, prefix):
             if not inner:
                 continue
             tensors = [tensor for item in inner for tensor in item[4]]
-            if len(layer.inputs) == 1:
-                reader = keras.Model(layer.inputs[0], tensors)
-                mapped = reader(call_inputs[0])
-            else:
-                reader = keras.Model(list(layer.inputs), tensors)
-                mapped = reader(list(call_inputs))
+            try:
+                if len(layer.inputs) == 1:
+                    mapped = keras.Model(layer.inputs[0], tensors)(call_inputs[0])
+                else:
+                    mapped = keras.Model(list(layer.inputs), tensors)(list(call_inputs))
+            except Exception as error:  # a call this reading does not reproduce
+                warnings.warn(f"The activation probe does not watch the layers of "
+                              f"{layer.name!r}, a model nested in {model.name!r}: they could "
+                              f"not be read from its call there ({type(error).__name__}: "
+                              f"{error})", stacklevel=2)
+                continue
             mapped = list(mapped) if isinstance(mapped, (list, tuple)) else [mapped]
             for layer_, name, params, path, own in inner:
                 watched.append((layer_, name, params, path, mapped[:len(own)]))

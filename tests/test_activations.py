@@ -199,6 +199,27 @@ def test_probe_reads_the_layers_of_nested_models():
     assert ActivationProbe(model, x, layers=["g", "first"]).names == ["inner/g", first]
 
 
+def test_probe_skips_with_a_warning_a_nested_model_it_cannot_read(monkeypatch):
+    """Should a nested model's call not be reproducible, its layers are left unwatched
+    with a warning that says so; the outer model's are still watched, no error."""
+    from keras_gradtools import internals
+
+    x, _ = _data(8)
+    keras.utils.set_random_seed(0)
+    inner_in = keras.Input((4,))
+    inner = keras.Model(inner_in, keras.layers.Dense(5, activation="tanh")(inner_in),
+                        name="inner")
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4, activation="relu",
+                                                                    name="first"),
+                              inner, keras.layers.Dense(3, activation="softmax")], name="outer")
+    real = internals.first_call
+    monkeypatch.setattr(internals, "first_call",
+                        lambda layer: (lambda c: ([], c[1]))(real(layer)))  # no inputs
+    with pytest.warns(UserWarning, match="does not watch the layers of 'inner'"):
+        probe = ActivationProbe(model, x)
+    assert probe.names == [model.get_layer("first").kernel.path.rsplit("/", 1)[0]]
+
+
 def test_probe_watches_only_layers_whose_output_is_their_activation():
     """A layer that stores an `activation` but runs a `call` of its own (here a
     residual block) is not watched as that activation; a Keras layer's subclass that
