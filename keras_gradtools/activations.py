@@ -398,9 +398,9 @@ def _watch(model, pick, output_ids, prefix):
     """`(layer, activation, params, path, tensors)` for the layers `pick` accepts, in order.
 
     `pick(layer, is_output) -> (activation, params) or None`. `tensors` are
-    in `model`'s graph (see `ActivationProbe._choose`); nested graph models
-    are searched in their place, `prefix` naming the weightless layers found
-    inside them.
+    in `model`'s graph (the layer's output, then an `Activation` layer's
+    input where read); nested graph models are searched in their place,
+    `prefix` naming the weightless layers found inside them.
     """
     import keras
 
