@@ -27,10 +27,11 @@ layers, also inside the Functional and Sequential models nested in it (a
 `layers`. Only a layer that runs Keras' own `call` counts by its
 `activation`: a layer of another library or of the user's own that stores
 one (a transformer block's feed-forward activation, say) may return
-something else, such as its normalized residual sum. A subclassed model does not expose
-its layers' outputs: give `outputs_fn(model, x) -> {layer_name: tensor}`,
+something else, such as its normalized residual sum. A subclassed model
+does not expose its layers' outputs: give `outputs_fn(model, x) ->
+{layer_name: tensor}`,
 a function that runs the model's own layers on `x` and returns the outputs
-to watch (the names must be layers of the model, `model.get_layer(name)`),
+to watch (the names must be layers of the model or of a model nested in it),
 or watch it without activation statistics.
 
 The reduction runs on the host (NumPy), from one `predict_on_batch` of a
@@ -208,7 +209,8 @@ class ActivationProbe:
             layer with an activation (see the module docstring). Defaults to
             `None`.
         outputs_fn: for subclassed models, `fn(model, x) -> {layer_name:
-            output}` that returns the outputs to watch; `None` otherwise.
+            output}` that returns the outputs to watch, named as layers of
+            the model or of a model nested in it; `None` otherwise.
             Defaults to `None`.
 
     Attributes:
@@ -356,18 +358,33 @@ class ActivationProbe:
                 f"Received: {type(result).__name__}")
         stats, self.last_outputs = {}, {}
         for name, value in result.items():
-            try:
-                layer = self.model.get_layer(name)
-            except ValueError as error:
+            layer = _find_layer(self.model, name)
+            if layer is None:
                 raise ValueError(
-                    f"`outputs_fn` returned {name!r}, which is not a layer of the model "
-                    f"({error})") from None
+                    f"`outputs_fn` returned {name!r}, which is not a layer of model "
+                    f"{self.model.name!r} or of a model nested in it; its layers are "
+                    f"{', '.join(layer.name for layer in self.model.layers)}") from None
             found = activation_of(layer) or ("linear", {})
             value = norms_lib.to_numpy(value)
             self.last_outputs[_layer_path(layer)] = value
             stats[_layer_path(layer)] = layer_stats(value, *found)
         self.names = list(stats)
         return stats
+
+
+def _find_layer(model, name):
+    """The layer named `name` in `model`, or in a model nested in it (depth first), or `None`."""
+    import keras
+
+    for layer in getattr(model, "layers", None) or []:
+        if layer.name == name:
+            return layer
+    for layer in getattr(model, "layers", None) or []:
+        if isinstance(layer, keras.Model):
+            found = _find_layer(layer, name)
+            if found is not None:
+                return found
+    return None
 
 
 def _check_fits(model, data):

@@ -144,9 +144,10 @@ class GradNormLogger(keras.callbacks.Callback):
             Functional or Sequential model nested in the model), or `None`
             for every hidden layer with an activation, nested models'
             included. Defaults to `None`.
-        activation_outputs: for a subclassed model, `fn(model, x) ->
-            {layer_name: output}` giving the outputs to watch. Defaults to
-            `None`.
+        activation_outputs: for a subclassed model (or layers whose insides
+            the probe cannot reach), `fn(model, x) -> {layer_name: output}`
+            giving the outputs to watch, named as layers of the model or of a
+            model nested in it. Defaults to `None`.
         update_ratio: also record, per variable and step, the update-to-
             weight ratio `||w_after - w_before|| / ||w_before||` of the update
             the optimizer applied (`update_ratios`), taken in the train

@@ -199,6 +199,31 @@ def test_probe_reads_the_layers_of_nested_models():
     assert ActivationProbe(model, x, layers=["g", "first"]).names == ["inner/g", first]
 
 
+def test_outputs_fn_may_name_a_layer_of_a_nested_model():
+    """`activation_outputs` names a layer inside a backbone (a keras-hub task model's
+    transformer blocks sit in its backbone); an unknown name is refused, with the layers."""
+    x, _ = _data(8)
+    keras.utils.set_random_seed(0)
+    inner_in = keras.Input((6,))
+    backbone = keras.Model(inner_in, keras.layers.Dense(4, activation="tanh", name="h")(inner_in),
+                           name="backbone")
+    outer_in = keras.Input((6,))
+    model = keras.Model(outer_in, keras.layers.Dense(3, name="out")(backbone(outer_in)),
+                        name="task")
+    probe = ActivationProbe(model, x, outputs_fn=lambda m, data: {
+        "h": m.get_layer("backbone")(data)})
+    stats = probe()
+    w, b = backbone.get_layer("h").get_weights()
+    a = np.tanh(x @ w + b)
+    key = backbone.get_layer("h").kernel.path.rsplit("/", 1)[0]
+    assert list(stats) == [key]
+    assert stats[key]["gain"] == pytest.approx(np.mean(1 - a * a), rel=1e-5)
+    probe = ActivationProbe(model, x, outputs_fn=lambda m, data: {"nope": data})
+    with pytest.raises(ValueError, match="'nope', which is not a layer of model 'task' or of "
+                                         "a model nested in it; its layers are .*backbone"):
+        probe()
+
+
 def test_probe_skips_with_a_warning_a_nested_model_it_cannot_read(monkeypatch):
     """Should a nested model's call not be reproducible, its layers are left unwatched
     with a warning that says so; the outer model's are still watched, no error."""
