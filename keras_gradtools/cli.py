@@ -218,7 +218,10 @@ def plot(run_dir, out_dir):
     """Write every figure of a saved run (norms, gradient flow, heatmap, activations, curves)."""
     from keras_gradtools.plots import plot_run
 
-    for path in _explained(plot_run, run_dir, out_dir):
+    paths = _explained(plot_run, run_dir, out_dir)
+    if not paths:
+        click.echo(f"{run_dir} recorded no step and no History: no figure to draw.")
+    for path in paths:
         click.echo(path)
 
 

@@ -469,15 +469,18 @@ def run_figures(run):
         run: a `keras_gradtools.runs.Run`.
 
     Returns:
-        A list of `(name, Figure)`; the curves only when the run saved its
-        History.
+        A list of `(name, Figure)`; the per-step figures only when the run
+        recorded a step, the curves only when it saved its History (a fit
+        that trained nothing has none).
     """
-    figures = [
-        ("grad_norms_steps.png",
-         grad_norms_over_steps(run.norms, run.keys, run.findings, run.epoch_end_steps)),
-        ("gradient_flow.png", gradient_flow(run.norms, run.keys)),
-        ("norm_heatmap.png", norm_heatmap(run.norms, run.keys)),
-    ]
+    figures = []
+    if len(run.norms):
+        figures += [
+            ("grad_norms_steps.png",
+             grad_norms_over_steps(run.norms, run.keys, run.findings, run.epoch_end_steps)),
+            ("gradient_flow.png", gradient_flow(run.norms, run.keys)),
+            ("norm_heatmap.png", norm_heatmap(run.norms, run.keys)),
+        ]
     if run.activations is not None and run.activations.steps:
         figures.append(("activations.png", activations_over_training(run.activations)))
     if run.update_ratios is not None and len(run.update_ratios):
@@ -499,7 +502,8 @@ def plot_run(run_dir, out_dir=None):
             Defaults to `None`.
 
     Returns:
-        A list of paths.
+        A list of paths; empty for a run that recorded no step and no
+        History (nothing is written then).
 
     Raises:
         keras_gradtools.runs.RunError: if `run_dir` is not a readable run.
@@ -520,6 +524,8 @@ def plot_run(run_dir, out_dir=None):
             f"{taken[0]} already exists; keras_gradtools never overwrites a figure. "
             "Pass another --out directory."
         )
+    if not figures:
+        return []
     os.makedirs(out_dir, exist_ok=True)
     for (_, fig), path in zip(figures, paths):
         _save(fig, path)

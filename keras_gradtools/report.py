@@ -181,7 +181,10 @@ def render_report(run):
         "accuracy.png": "Accuracy per epoch.",
         "loss_and_grad_norms.png": "Loss and gradient norms per epoch.",
     }
-    for name, fig in plots.run_figures(run):
+    figures = plots.run_figures(run)
+    if not figures:
+        parts.append("<p>The run recorded no step: no figure to draw.</p>")
+    for name, fig in figures:
         parts.append(f'<figure><img alt="{html.escape(captions[name])}" '
                      f'src="data:image/png;base64,{_png(fig)}">'
                      f"<figcaption>{html.escape(captions[name])}</figcaption></figure>")

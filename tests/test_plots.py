@@ -137,6 +137,28 @@ def test_plot_command_writes_all_and_never_overwrites(tmp_path):
     assert result.exit_code == 2
 
 
+def test_a_run_that_recorded_no_step_says_so_instead_of_empty_figures(tmp_path):
+    """A fit that trained nothing (`initial_epoch == epochs`) leaves a run with no step:
+    `plot` writes nothing and says why, `report` says so; no empty axes, no warnings."""
+    import warnings
+
+    from keras_gradtools.report import write_report
+
+    run = tmp_path / "empty"
+    run.mkdir()
+    json.dump({"keys": KEYS, "epoch_end_steps": [], "norms": []},
+              open(run / "grad_norms.json", "w"))
+    json.dump({}, open(run / "history.json", "w"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns on a log scale of no data
+        result = CliRunner().invoke(cli.main, ["plot", str(run)])
+        assert result.exit_code == 0, result.output
+        assert "recorded no step and no History: no figure to draw" in result.output
+        assert not (run / "figures").exists()
+        page = open(write_report(str(run))).read()
+    assert "The run recorded no step: no figure to draw." in page and "<img" not in page
+
+
 def test_labels_stay_unique_for_repeated_block_layers():
     keys = ["resnet/block_0/conv1/kernel", "resnet/block_1/conv1/kernel", "resnet/output/kernel"]
     fig = plots.gradient_flow(np.ones((3, 3)), keys)
