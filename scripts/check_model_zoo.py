@@ -235,19 +235,27 @@ def _hub():
     return keras_hub
 
 
+# The transformers' size: two blocks of width 16 over 12 tokens, no dropout (a replay-free step).
+_TINY = {"num_layers": 2, "num_heads": 2, "hidden_dim": 16, "intermediate_dim": 32,
+         "max_sequence_length": 12, "dropout": 0.0}
+
+
+def _tokens(rng, vocabulary):
+    """32 sequences of 12 token ids, unpadded."""
+    return {"token_ids": rng.integers(0, vocabulary, (32, 12)).astype("int32"),
+            "padding_mask": np.ones((32, 12), "int32")}
+
+
 def hub_gpt2():
     keras_hub = _hub()
     rng = np.random.default_rng(0)
-    backbone = keras_hub.models.GPT2Backbone(
-        vocabulary_size=50, num_layers=2, num_heads=2, hidden_dim=16, intermediate_dim=32,
-        max_sequence_length=12, dropout=0.0)
+    backbone = keras_hub.models.GPT2Backbone(vocabulary_size=50, **_TINY)
     ids = keras.Input((12,), dtype="int32", name="token_ids")
     mask = keras.Input((12,), dtype="int32", name="padding_mask")
     hidden = backbone({"token_ids": ids, "padding_mask": mask})
     model = keras.Model({"token_ids": ids, "padding_mask": mask},
                         keras.layers.Dense(3)(hidden[:, 0]))
-    x = {"token_ids": rng.integers(0, 50, (32, 12)).astype("int32"),
-         "padding_mask": np.ones((32, 12), "int32")}
+    x = _tokens(rng, 50)
     return _identity(model, x, rng.integers(0, 3, 32),
                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
 
@@ -255,13 +263,10 @@ def hub_gpt2():
 def hub_bert():
     keras_hub = _hub()
     rng = np.random.default_rng(0)
-    backbone = keras_hub.models.BertBackbone(
-        vocabulary_size=60, num_layers=2, num_heads=2, hidden_dim=16, intermediate_dim=32,
-        max_sequence_length=12, dropout=0.0)
+    backbone = keras_hub.models.BertBackbone(vocabulary_size=60, **_TINY)
     model = keras_hub.models.BertTextClassifier(backbone=backbone, num_classes=2,
                                                 preprocessor=None, dropout=0.0)
-    x = {"token_ids": rng.integers(0, 60, (32, 12)).astype("int32"),
-         "segment_ids": np.zeros((32, 12), "int32"), "padding_mask": np.ones((32, 12), "int32")}
+    x = dict(_tokens(rng, 60), segment_ids=np.zeros((32, 12), "int32"))
     return _identity(model, x, rng.integers(0, 2, 32),
                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                      logger_kw={"probe_data": {k: v[:8] for k, v in x.items()}})
