@@ -190,12 +190,10 @@ def layer_stats(values, name, params=None, inputs=None):
 
 
 def _layer_path(layer):
-    """The layer's path as in the recorded keys (its first weight's, without the name)."""
-    from keras_gradtools import norms as norms_lib
+    """The layer's path as in the recorded keys; a weightless layer's name."""
+    from keras_gradtools.facts import layer_path
 
-    for variable in layer.weights:
-        return norms_lib.variable_key(variable).rsplit("/", 1)[0]
-    return layer.name
+    return layer_path(layer) or layer.name
 
 
 class ActivationProbe:
@@ -224,12 +222,12 @@ class ActivationProbe:
     Example:
 
     >>> import keras
-    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, "sigmoid"),
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, "sigmoid", name="h"),
     ...                           keras.layers.Dense(2, "softmax")], name="net")
     >>> probe = ActivationProbe(model, np.zeros((8, 3)))
     >>> stats = probe()
-    >>> list(stats), stats["net/dense"]["mean"]
-    (['net/dense'], 0.5)
+    >>> list(stats), stats["net/h"]["mean"]
+    (['net/h'], 0.5)
     """
 
     def __init__(self, model, data, layers=None, outputs_fn=None):

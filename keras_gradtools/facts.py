@@ -46,8 +46,18 @@ def _activation_name(activation):
     return name.lower()
 
 
-def _path_of(layer):
-    """The layer's path as in the recorded keys (its first weight's path without the name)."""
+def layer_path(layer):
+    """A layer's path as in the recorded keys (its first weight's, without the weight's name).
+
+    `None` for a layer without weights.
+
+    Example:
+
+    >>> dense = keras.layers.Dense(2, name="d")
+    >>> dense.build((None, 3))
+    >>> layer_path(dense), layer_path(keras.layers.ReLU())
+    ('d', None)
+    """
     for variable in layer.weights:
         return norms_lib.variable_key(variable).rsplit("/", 1)[0]
     return None
@@ -81,11 +91,11 @@ def model_facts(model):
     for layer in _walk(model, set()):
         kind = type(layer).__name__
         if kind in _NORMALIZATION:
-            normalization.append(_path_of(layer) or layer.name)
+            normalization.append(layer_path(layer) or layer.name)
         if isinstance(layer, keras.layers.Add) or "residual" in kind.lower() or (
                 "resnet" in kind.lower() and "block" in kind.lower()):
             residual = True
-        path = _path_of(layer) if layer is not model else None
+        path = layer_path(layer) if layer is not model else None
         if path is not None and hasattr(layer, "activation"):
             activations[path] = _activation_name(layer.activation)
             last = path
