@@ -19,27 +19,34 @@ layer's output on the host to:
   `None` where the output does not determine it (GELU and SiLU fused into
   a layer; an `Activation` layer of its own is read at its input, exactly).
 
-Which layers are watched: every layer of a `Sequential` or Functional model
-that has an `activation` (Dense, convolutions, ...) or is an activation
-layer (`Activation`, `ReLU`, `LeakyReLU`, `ELU`), except the model's output
-layers, also inside the Functional and Sequential models nested in it (a
-`keras.applications` base, a keras-hub backbone); or the layers named in
-`layers`. Only a layer that runs Keras' own `call` counts by its
-`activation`: a layer of another library or of the user's own that stores
-one (a transformer block's feed-forward activation, say) may return
-something else, such as its normalized residual sum. A subclassed model
-does not expose its layers' outputs: give `outputs_fn(model, x) ->
-{layer_name: tensor}`,
-a function that runs the model's own layers on `x` and returns the outputs
-to watch (the names must be layers of the model or of a model nested in it),
-or watch it without activation statistics.
+Which layers are watched: every layer that has an `activation` (Dense,
+convolutions, ...) or is an activation layer (`Activation`, `ReLU`,
+`LeakyReLU`, `ELU`), except the model's output layers and softmax: the
+layers of a `Sequential` or Functional model, of the Functional and
+Sequential models nested in it (a `keras.applications` base, a keras-hub
+backbone), and the layers inside the user's own layers and subclassed
+models (a transformer block's dense layers, kept as attributes, private
+ones too); or the layers named in `layers`. Only a layer that runs Keras'
+own `call` counts by its `activation`: a layer of another library or of the
+user's own that stores one may return something else, such as its
+normalized residual sum, so its insides are watched instead. An activation
+function called inside a custom layer's `call` (not a layer) is not seen.
+`outputs_fn(model, x) -> {layer_name: tensor}` chooses the outputs
+instead: a function that runs the model's own layers on `x` (the names must
+be layers of the model or of a model nested in it).
 
-The reduction runs on the host (NumPy), from one `predict_on_batch` of a
-model that outputs the watched layers (built once, sharing the weights):
-no change to the train step, on every backend. Keras is imported on first
+How the outputs are read, with no change to the train step, on every
+backend: where every watched layer sits in a graph, from one
+`predict_on_batch` of a model that outputs them (built once, sharing the
+weights); else from one forward pass of the model itself,
+`model(x, training=False)`, with the watched layers' `call` wrapped on the
+instance for that pass only (a layer called twice is read at its first
+call). The reduction runs on the host (NumPy). Keras is imported on first
 use: reading a run's record (`ActivationRecord`) does not import it.
 """
 
+import contextlib
+import functools
 import warnings
 
 import numpy as np
@@ -206,17 +213,17 @@ class ActivationProbe:
         layers: names of the layers to watch, or `None` for every hidden
             layer with an activation (see the module docstring). Defaults to
             `None`.
-        outputs_fn: for subclassed models, `fn(model, x) -> {layer_name:
-            output}` that returns the outputs to watch, named as layers of
-            the model or of a model nested in it; `None` otherwise.
-            Defaults to `None`.
+        outputs_fn: `fn(model, x) -> {layer_name: output}` that returns
+            the outputs to watch, named as layers of the model or of a
+            model nested in it, or `None` for the layers the probe finds
+            (see the module docstring). Defaults to `None`.
 
     Attributes:
         names: the watched layers' paths (as in the recorded keys, e.g.
             `"deep/dense_3"`), input to output.
 
     Raises:
-        ValueError: for a subclassed model without `outputs_fn`, an unknown
+        ValueError: for probe data the model does not take, an unknown
             layer name, a layer without an activation, or no layer to watch.
 
     Example:
@@ -245,19 +252,22 @@ class ActivationProbe:
             self._watched = None  # known at the first call
             self.names = []
             return
-        if isinstance(model, keras.Sequential) and not model.built:
-            # A Sequential without an `Input` (which fit() on TensorFlow builds
-            # only in its traced step): built here, on the probe batch.
-            model(data, training=False)
-        inputs = getattr(model, "inputs", None) if _is_graph(model) else None
-        if not inputs:
-            raise ValueError(
-                "Activation statistics need the outputs of the model's layers, which a "
-                f"subclassed model ({type(model).__name__}) does not expose. Pass "
-                "`activation_outputs=fn` (`fn(model, x) -> {layer_name: output}`, running "
-                "the model's own layers on `x`), or leave `probe_data` unset. Received: "
-                f"model={model.name!r}")
-        _check_fits(model, data)
+        if not model.built:
+            # A Sequential without an `Input` or a subclassed model never called
+            # (which fit() on TensorFlow builds only in its traced step): built
+            # here, on the probe batch.
+            _run(model, data, "build")
+        graph = _is_graph(model)
+        if graph:
+            _check_fits(model, data)
+        self._captured = None
+        if not graph or _hidden_from_graph(model):
+            # Layers inside the user's own layers or a subclassed model: read
+            # as they are called, once here to know them.
+            self._captured = _Captured(model, data, layers)
+            self.names = self._captured.names
+            return
+        inputs = model.inputs
         self._watched, outputs = self._choose(model, layers)
         self._probe = keras.Model(inputs[0] if len(inputs) == 1 else inputs, outputs,
                                   name=f"{model.name}_activations")
@@ -274,45 +284,10 @@ class ActivationProbe:
         keras-hub backbone) is searched too: its layers are read through a
         model of its own, called on the tensor that feeds it in `model`.
         """
-        if layers is not None:
-            wanted = list(layers)
-            found = {}
-
-            def pick(layer, _is_output):
-                if layer.name not in wanted or layer.name in found:
-                    return None
-                activation = activation_of(layer)
-                if activation is None:
-                    raise ValueError(
-                        f"Layer {layer.name!r} has no activation to watch. Received: "
-                        f"layers={layers!r}")
-                found[layer.name] = True
-                return activation
-        else:
-            def pick(layer, is_output):
-                activation = activation_of(layer)
-                if activation is None or activation[0] == "softmax" or is_output:
-                    return None
-                return activation
-
+        pick, found = _picker(layers)
         watched = _watch(model, pick, {id(t) for t in (model.outputs or [])}, prefix="")
-        if layers is not None:
-            missing = [name for name in wanted if name not in found]
-            if missing:
-                names = [layer.name for layer in model.layers]
-                raise ValueError(
-                    f"No layer named {missing[0]!r} in model {model.name!r}; its layers are "
-                    f"{', '.join(names)}. Received: layers={layers!r}")
-            order = {name: i for i, name in enumerate(wanted)}
-            watched.sort(key=lambda item: order[item[0].name])
-        if not watched:
-            raise ValueError(
-                f"Model {model.name!r} has no hidden layer with an activation to watch (a "
-                "Keras layer with an `activation`, or an activation layer, in the model or "
-                "in a Functional or Sequential model nested in it). Name the layers to "
-                "watch, pass `activation_outputs=fn` (`fn(model, x) -> {layer_name: "
-                "output}`), or leave `probe_data` unset. Received: "
-                f"layers={layers!r}")
+        watched = _settle(model, layers, found, watched,
+                          "in the model or in a Functional or Sequential model nested in it")
         return ([item[:4] for item in watched],
                 [tensor for item in watched for tensor in item[4]])
 
@@ -324,6 +299,9 @@ class ActivationProbe:
 
         if self.outputs_fn is not None:
             return self._call_fn()
+        if self._captured is not None:
+            stats, self.last_outputs = self._captured(self.model, self.data)
+            return stats
         if keras.backend.backend() == "torch":
             # Keras' torch `predict_on_batch` copies through `np.array`, which NumPy 2
             # answers with a DeprecationWarning on every probe; the same inference call:
@@ -368,6 +346,212 @@ class ActivationProbe:
             stats[_layer_path(layer)] = layer_stats(value, *found)
         self.names = list(stats)
         return stats
+
+
+def _picker(layers):
+    """`(pick, found)`: `pick(layer, is_output) -> (activation, params)` for a layer to
+    watch, else `None`; `found` collects the names picked from `layers`."""
+    found = {}
+    if layers is None:
+        def pick(layer, is_output):
+            activation = activation_of(layer)
+            if activation is None or activation[0] == "softmax" or is_output:
+                return None
+            return activation
+        return pick, found
+    wanted = list(layers)
+
+    def pick(layer, _is_output):
+        if layer.name not in wanted or layer.name in found:
+            return None
+        activation = activation_of(layer)
+        if activation is None:
+            raise ValueError(
+                f"Layer {layer.name!r} has no activation to watch. Received: "
+                f"layers={layers!r}")
+        found[layer.name] = True
+        return activation
+    return pick, found
+
+
+def _settle(model, layers, found, watched, where):
+    """`watched` (items starting with the layer) in the order of `layers` when given;
+    refuses a name not found, and nothing to watch."""
+    if layers is not None:
+        missing = [name for name in layers if name not in found]
+        if missing:
+            raise ValueError(
+                f"No layer named {missing[0]!r} in model {model.name!r}; its layers are "
+                f"{', '.join(layer.name for layer in model.layers)}. Received: "
+                f"layers={layers!r}")
+        order = {name: i for i, name in enumerate(layers)}
+        watched = sorted(watched, key=lambda item: order[item[0].name])
+    if not watched:
+        raise ValueError(
+            f"Model {model.name!r} has no hidden layer with an activation to watch (a "
+            f"Keras layer with an `activation`, or an activation layer, {where}). Name "
+            "the layers to watch, pass `activation_outputs=fn` (`fn(model, x) -> "
+            "{layer_name: output}`), or leave `probe_data` unset. Received: "
+            f"layers={layers!r}")
+    return watched
+
+
+def _run(model, data, why):
+    """`model(data, training=False)`, gradient-free; a failure is a `ValueError` saying why."""
+    import keras
+
+    try:
+        if keras.backend.backend() == "torch":
+            import torch
+
+            with torch.no_grad():
+                return model(data, training=False)
+        return model(data, training=False)
+    except Exception as error:
+        shapes = [tuple(getattr(v, "shape", ())) for v in keras.tree.flatten(data)]
+        raise ValueError(
+            f"The activation probe could not {why} model {model.name!r} on `probe_data` "
+            f"({type(error).__name__}: {_gist(error)}). Received: probe_data "
+            f"of shape{'s' if len(shapes) > 1 else ''} "
+            f"{', '.join(map(str, shapes))}") from error
+
+
+def _gist(error):
+    """The line of a Keras error that says what went wrong, without its colour codes or
+    the "Exception encountered when calling" and "Arguments received" framing."""
+    import re
+
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines()]
+    lines = [line for line in lines if line]
+    if lines and lines[0].startswith("Exception encountered when calling"):
+        lines = lines[1:]
+    text = lines[0] if lines else type(error).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _opaque(layer):
+    """Whether the layer runs a `call` that no graph exposes: the user's own layer,
+    another library's, or a subclassed model."""
+    import keras
+
+    return (isinstance(layer, keras.Model) and not _is_graph(layer)) or (
+        not isinstance(layer, keras.Model) and not _keras_call(layer))
+
+
+def _has_activation_inside(layer):
+    """Whether a layer with an activation sits inside `layer`, at any depth."""
+    from keras_gradtools import internals
+
+    return any(activation_of(child) is not None or (
+        _opaque(child) or _is_graph(child)) and _has_activation_inside(child)
+        for child in internals.sublayers(layer))
+
+
+def _hidden_from_graph(model):
+    """Whether a layer with an activation sits inside a layer of `model` (or of a graph
+    model nested in it) whose insides the graph does not expose."""
+    from keras_gradtools import internals
+
+    for layer in internals.sublayers(model):
+        if _is_graph(layer):
+            if _hidden_from_graph(layer):
+                return True
+        elif _opaque(layer) and _has_activation_inside(layer):
+            return True
+    return False
+
+
+class _Captured:
+    """Reads watched layers' outputs as the model calls them, in a forward pass of its own.
+
+    For models whose layers' outputs no graph exposes (a subclassed model,
+    the user's own layers, another library's blocks): the candidate layers
+    are found through the layers every layer tracks (also those kept as
+    private attributes), their `call` is wrapped on the instance while the
+    model runs forward on the probe batch (`internals.patch_call`), and each
+    one's output of its first call is kept. Watched, input to output (the
+    order of the calls): what `ActivationProbe` watches in a graph; a layer
+    whose output the model returns is not (unless named in `layers`).
+    """
+
+    def __init__(self, model, data, layers):
+        pick, found = _picker(layers)
+        candidates = []
+
+        def walk(layer, prefix, seen):
+            from keras_gradtools import internals
+
+            for child in internals.sublayers(layer):
+                if id(child) in seen:
+                    continue
+                seen.add(id(child))
+                activation = pick(child, False)
+                if activation is not None:
+                    candidates.append((child, *activation, prefix))
+                elif _opaque(child) or _is_graph(child):
+                    walk(child, f"{prefix}{child.name}/", seen)
+
+        walk(model, "", set())
+        self._candidates = {id(item[0]): item for item in candidates}
+        outputs, calls = self._forward(model, data)
+        ends = [output for output in outputs if output is not None]
+        watched = []
+        for key, (value, _inputs) in calls.items():
+            layer, name, params, prefix = self._candidates[key]
+            if layers is None and any(value is end for end in ends):
+                continue  # the model's output
+            watched.append((layer, name, params, _layer_path(layer) if layer.weights
+                            else prefix + _layer_path(layer)))
+        watched = _settle(model, layers, found, watched, "called when the model runs")
+        self.names = _unique([item[3] for item in watched])
+        self._watched = [(id(layer), name, params) for layer, name, params, _ in watched]
+
+    def _forward(self, model, data):
+        """`(model outputs, {id(layer): (output, input)})` of one forward pass, in call order."""
+        import keras
+
+        from keras_gradtools import internals
+
+        calls = {}
+
+        def make(key):
+            def wrap(original):
+                @functools.wraps(original)
+                def call(*args, **kwargs):
+                    output = original(*args, **kwargs)
+                    if key not in calls and not isinstance(output, (list, tuple, dict)):
+                        first = args[0] if args else next(iter(kwargs.values()), None)
+                        calls[key] = (output, first)
+                    return output
+                return call
+            return wrap
+
+        with contextlib.ExitStack() as stack:
+            for key, (layer, *_rest) in self._candidates.items():
+                stack.enter_context(internals.patch_call(layer, make(key)))
+            outputs = _run(model, data, "run")
+        return keras.tree.flatten(outputs), calls
+
+    def __call__(self, model, data):
+        """`({path: stats}, {path: output})` now."""
+        import keras
+
+        from keras_gradtools import norms as norms_lib
+
+        _outputs, calls = self._forward(model, data)
+        stats, values = {}, {}
+        for (key, name, params), path in zip(self._watched, self.names):
+            if key not in calls:
+                continue  # not called this time
+            output, first = calls[key]
+            layer = self._candidates[key][0]
+            a = np.asarray(norms_lib.to_numpy(output))
+            z = None
+            if name in _FROM_INPUT and isinstance(layer, keras.layers.Activation):
+                z = norms_lib.to_numpy(first)
+            values[path] = a
+            stats[path] = layer_stats(a, name, params, z)
+        return stats, values
 
 
 def _find_layer(model, name):

@@ -141,13 +141,13 @@ class GradNormLogger(keras.callbacks.Callback):
         activation_freq: steps between two activation probes (the first
             runs before step 0). Defaults to `200`.
         activation_layers: names of the layers to watch (also layers of a
-            Functional or Sequential model nested in the model), or `None`
-            for every hidden layer with an activation, nested models'
-            included. Defaults to `None`.
-        activation_outputs: for a subclassed model (or layers whose insides
-            the probe cannot reach), `fn(model, x) -> {layer_name: output}`
-            giving the outputs to watch, named as layers of the model or of a
-            model nested in it. Defaults to `None`.
+            nested model or inside a custom layer), or `None` for every
+            hidden layer with an activation, those of nested models,
+            subclassed models and custom layers included (see
+            `keras_gradtools.activations`). Defaults to `None`.
+        activation_outputs: `fn(model, x) -> {layer_name: output}` giving
+            the outputs to watch instead, named as layers of the model or of
+            a model nested in it. Defaults to `None`.
         update_ratio: also record, per variable and step, the update-to-
             weight ratio `||w_after - w_before|| / ||w_before||` of the update
             the optimizer applied (`update_ratios`), taken in the train

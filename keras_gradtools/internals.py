@@ -17,6 +17,8 @@ Contact points (tested on Keras 3.3.3 / TF 2.16.2 and Keras 3.15.1 / TF
 | `LossScaleOptimizer._stateful_handle_non_finite_grads`, replaced while traced (`patch_non_finite_handler`) | several replicas: the step the loss-scale optimizer skips never reaches the all-reduce; this is where it says so | none |
 | `LossScaleOptimizer._stateless_handle_non_finite_grads`, replaced while traced on JAX (`patch_stateless_non_finite_handler`) | JAX with mixed_float16: a skipped step never reaches the inner optimizer's `apply`; this is where the recorders write its row (NaN, flagged) | none |
 | `layer._inbound_nodes[0]`: its `arguments` and `output_tensors` (`first_call`) | the activation probe reads the layers of a model nested in the user's (a `keras.applications` base, a keras-hub backbone) through a model of their own, called on the tensor that feeds the nested model in the outer graph | none: a nested Functional model's public `input` / `output` are its own graph's |
+| `layer._flatten_layers(include_self=False, recursive=False)` (`sublayers`) | the activation probe finds the layers inside the user's own layers and subclassed models (sublayers kept as private attributes too, as keras-hub's blocks keep them): what Keras' `Model.layers` reads | none for a `Layer`; a model's public `layers` |
+| `layer.call`, replaced on the instance while the probe runs the model forward (`patch_call`) | the outputs of the layers inside the user's own layers and subclassed models, which no graph exposes | none: Keras 3 has no forward hooks |
 | `optimizer._trainable_variables` (`optimizer_variables`) | `apply(grads)` called without variables applies to these | none |
 | `optimizer._clip_gradients` (`keras_clip`) | the gradients Keras' own `clipnorm` / `clipvalue` / `global_clipnorm` leave, to record the applied norms | re-implementing Keras' clipping (it would drift from Keras') |
 | the source of `keras.src.optimizers.base_optimizer.BaseOptimizer.apply` (`keras_clips_accumulated_mean`) | under `gradient_accumulation_steps` Keras up to 3.4 clips each batch's gradient, 3.5 on the accumulated mean (keras-team/keras#19998): the applied norms exist per step only in the first case | the version threshold 3.5.0 (the fallback where the source is not installed) |
@@ -29,7 +31,8 @@ Contact points (tested on Keras 3.3.3 / TF 2.16.2 and Keras 3.15.1 / TF
 | `model._jax_state`, `model._jax_state_synced` (`live_values`) | during a JAX epoch the variables' own values are purged; the current ones live in the trainer's state | `model.jax_state_sync()` (public), which writes every variable back: too costly every few hundred steps |
 | `torch._foreach_norm`, where torch lacks the public `torch.foreach.norm` (`torch_norms`) | PyTorch: every gradient's norm in one call (one multi-tensor kernel on a GPU) instead of one eager dispatch per variable | `torch.foreach.norm` (beta, newer torch: used when present); `torch.linalg.vector_norm` per tensor (used when neither exists) |
 
-Every replacement made while a train step is traced goes through `Patch`:
+Every replacement made while a train step is traced, or while the probe runs
+the model forward, goes through `Patch`:
 entered and exited the same way, reference counted (replicas trace in
 parallel threads), nested patches of one attribute compose in any order, and
 the object is exactly as found once the last one exits. The one made for the
@@ -220,6 +223,11 @@ def patch_stateless_non_finite_handler(optimizer, make):
     return Patch(optimizer, "_stateless_handle_non_finite_grads", make)
 
 
+def patch_call(layer, make):
+    """A `Patch` of a layer's `call(*args, **kwargs)` (what its `__call__` runs)."""
+    return Patch(layer, "call", make)
+
+
 def set_train_function(model, function):
     """Sets `model.train_function` (what `fit()` calls each step)."""
     model.train_function = function
@@ -312,6 +320,12 @@ def first_call(layer):
     if inputs is None:
         return None
     return keras.tree.flatten(inputs), list(node.output_tensors)
+
+
+def sublayers(layer):
+    """The layers `layer` tracks itself (kept as attributes, public or private, or in
+    lists and dicts of them), in the order they were set; not theirs."""
+    return list(layer._flatten_layers(include_self=False, recursive=False))
 
 
 def optimizer_variables(optimizer):

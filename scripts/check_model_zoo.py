@@ -256,8 +256,11 @@ def hub_gpt2():
     model = keras.Model({"token_ids": ids, "padding_mask": mask},
                         keras.layers.Dense(3)(hidden[:, 0]))
     x = _tokens(rng, 50)
+    # Its activations all sit inside keras-hub's transformer blocks: read as they are called.
     return _identity(model, x, rng.integers(0, 3, 32),
-                     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+                     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                     logger_kw={"probe_data": {k: v[:8] for k, v in x.items()},
+                                "activation_freq": 1})
 
 
 def hub_bert():

@@ -553,6 +553,66 @@ def _nested_activations():
             "expected_means": [float(a1.mean()), float(a2.mean())]}
 
 
+class _Block(keras.layers.Layer):
+    """A block of the user's own, its sublayers kept as private attributes."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._up = keras.layers.Dense(6, activation="relu", name="up")
+        self._act = keras.layers.Activation("tanh", name="act")
+
+    def call(self, x):
+        return self._act(self._up(x))
+
+
+class _WithBlock(keras.Model):
+    def __init__(self):
+        super().__init__(name="with_block")
+        self.h = keras.layers.Dense(4, activation="sigmoid", name="h")
+        self.block = _Block(name="block")
+        self.out = keras.layers.Dense(3, activation="softmax", name="out")
+
+    def call(self, x):
+        return self.out(self.block(self.h(x)))
+
+
+def _captured_activations():
+    """The probe inside a subclassed model and a custom layer (read as they are called),
+    during `fit()`: the probes before step 0 and before step 2 against NumPy forward
+    passes with the weights at those steps."""
+    x = np.random.default_rng(4).normal(size=(48, 6)).astype("float32")
+    y = np.arange(48) % 3
+    keras.utils.set_random_seed(0)
+    model = _WithBlock()
+    model.compile(keras.optimizers.SGD(0.5), "sparse_categorical_crossentropy")
+    model(x[:1])
+    layers = (model.h, model.block._up)
+    weights = {0: [layer.get_weights() for layer in layers]}
+
+    class Keep(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            weights[batch + 1] = [layer.get_weights() for layer in self.model.layers[:1]
+                                  + [self.model.block._up]]
+
+    logger = GradNormLogger(probe_data=x[:16], activation_freq=2)
+    model.fit(x, y, batch_size=16, shuffle=False, verbose=0, callbacks=[logger, Keep()])
+
+    def means(at):
+        (wh, bh), (wu, bu) = weights[at]
+        h = 1.0 / (1.0 + np.exp(-(x[:16].astype(np.float64) @ wh + bh)))
+        up = np.maximum(h @ wu + bu, 0.0)
+        return [float(h.mean()), float(up.mean()), float(np.tanh(up).mean())]
+
+    record = logger.activations
+    names = [layer.kernel.path.rsplit("/", 1)[0] for layer in layers] + ["block/act"]
+    return {"steps": record.steps, "names": list(record.stats[0]), "expected_names": names,
+            "means": [[entry[name]["mean"] for name in names] for entry in record.stats],
+            "expected_means": [means(0), means(2)],
+            "left_patched": [name for layer in (model, model.h, model.block, *layers,
+                                                model.block._act)
+                             for name in ("call",) if name in vars(layer)]}
+
+
 def main(tmp):
     rng = np.random.default_rng(1)
     x6, y = rng.normal(size=(32, 6)).astype("float32"), rng.integers(0, 3, 32)
@@ -596,7 +656,8 @@ def main(tmp):
     finally:
         keras.mixed_precision.set_global_policy("float32")
     result.update(tools=_tools_run(tmp), refusals=_refusals(tmp), probe=_probe(tmp),
-                  checkpoints=_checkpoints(tmp), nested_activations=_nested_activations())
+                  checkpoints=_checkpoints(tmp), nested_activations=_nested_activations(),
+                  captured_activations=_captured_activations())
     print("RESULT " + json.dumps(result))
 
 

@@ -131,18 +131,153 @@ def test_probe_refuses_what_it_cannot_watch():
 
     sub = Sub()
     sub(x)
-    with pytest.raises(ValueError, match="subclassed model .*activation_outputs"):
-        ActivationProbe(sub, x)
-    # The documented way: name the outputs to watch.
+    # Probe data the model cannot run: refused when the probe is made, with the shape.
+    with pytest.raises(ValueError, match=r"could not run model 'sub' on `probe_data` .*"
+                                         r"Received: probe_data of shape \(8, 5\)"):
+        ActivationProbe(sub, x[:, :5])
+    # `outputs_fn` still chooses what is watched.
     probe = ActivationProbe(sub, x, outputs_fn=lambda m, data: {"hidden": m.hidden(data)})
     stats = probe()
     a = np.tanh(x @ sub.hidden.get_weights()[0] + sub.hidden.get_weights()[1])
     assert stats["sub/hidden"]["gain"] == pytest.approx(np.mean(1 - a * a), rel=1e-5)
-    # ... and the logger refuses the subclassed model before the first step.
-    sub.compile("sgd", "mse")
-    logger = GradNormLogger(probe_data=x)
-    with pytest.raises(ValueError, match="subclassed"):
-        sub.fit(x, np.zeros((8, 3)), epochs=1, verbose=0, callbacks=[logger])
+
+    class Linear(keras.Model):
+        def __init__(self):
+            super().__init__(name="lin")
+            self.out = keras.layers.Dense(3, name="out")
+
+        def call(self, x):
+            return self.out(x)
+
+    with pytest.raises(ValueError, match="'lin' has no hidden layer with an activation"):
+        ActivationProbe(Linear(), x)
+
+
+class _Block(keras.layers.Layer):
+    """A residual MLP block of the user's own: sublayers kept as private attributes
+    (as keras-hub's blocks keep theirs), one of them an `Activation` layer."""
+
+    def __init__(self, units, activation="gelu", **kwargs):
+        super().__init__(**kwargs)
+        self._up = keras.layers.Dense(2 * units, activation="relu", name="up")
+        self._down = keras.layers.Dense(units, name="down")
+        self._act = keras.layers.Activation(activation, name="act")
+
+    def call(self, x):
+        return self._act(x + self._down(self._up(x)))
+
+
+class _Net(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden = keras.layers.Dense(4, activation="tanh", name="hidden")
+        self.blocks = [_Block(4, name="block_0"), _Block(4, activation="sigmoid",
+                                                         name="block_1")]
+        self.out = keras.layers.Dense(3, name="out")
+
+    def call(self, x):
+        h = self.hidden(x)
+        for block in self.blocks:
+            h = block(h)
+        return self.out(h)
+
+
+def _block_forward(block, h):
+    """NumPy: the block's up (ReLU), down (linear), and its activation's input and output."""
+    (wu, bu), (wd, bd) = block._up.get_weights(), block._down.get_weights()
+    up = np.maximum(h @ wu + bu, 0.0)
+    down = up @ wd + bd
+    z = h + down
+    return up, down, z
+
+
+def test_probe_reads_the_layers_inside_subclassed_models_and_custom_layers():
+    """No graph exposes these outputs: the probe reads each layer's output as the model
+    calls it (input to output, the model's output layer excluded), also the sublayers a
+    custom layer keeps as private attributes; the model is left as it was."""
+    x, _ = _data(16)
+    keras.utils.set_random_seed(0)
+    net = _Net(name="net")
+    before = keras.ops.convert_to_numpy(net(x))
+    probe = ActivationProbe(net, x)
+    stats = probe()
+    path = lambda layer: layer.kernel.path.rsplit("/", 1)[0]  # noqa: E731
+    b0, b1 = net.blocks
+    assert probe.names == [path(net.hidden), path(b0._up), path(b0._down), "block_0/act",
+                           path(b1._up), path(b1._down), "block_1/act"], probe.names
+    w, b = net.hidden.get_weights()
+    h = np.tanh(x.astype(np.float64) @ w + b)
+    assert stats[path(net.hidden)]["gain"] == pytest.approx(np.mean(1 - h * h), rel=1e-5)
+    up, down, z = _block_forward(b0, h)
+    assert stats[path(b0._up)]["gain"] == pytest.approx(np.mean(up > 0), abs=1e-9)
+    assert stats[path(b0._up)]["dead"] == pytest.approx(np.mean((up <= 0).all(axis=0)))
+    assert stats[path(b0._down)]["mean"] == pytest.approx(down.mean(), rel=1e-5)
+    assert stats[path(b0._down)]["gain"] == 1.0
+    a = _gelu(z)
+    assert stats["block_0/act"]["mean"] == pytest.approx(a.mean(), rel=1e-5)
+    # GELU's gain at the Activation layer's input: Phi(z) + z phi(z).
+    slope = (_gelu(z + 1e-4) - _gelu(z - 1e-4)) / 2e-4
+    assert stats["block_0/act"]["gain"] == pytest.approx(slope.mean(), rel=1e-5)
+    up, down, z = _block_forward(b1, a)
+    s = _sigmoid(z)
+    assert stats["block_1/act"]["gain"] == pytest.approx(np.mean(s * (1 - s)), rel=1e-5)
+    assert stats["block_1/act"]["saturated"] == pytest.approx(
+        np.mean((s < 0.02) | (s > 0.98)))
+    # Nothing of the probe stays on the model's layers; its output is unchanged.
+    for layer in (net, net.hidden, net.out, b0, b0._up, b0._act, b1._down):
+        assert "call" not in vars(layer)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(net(x)), before)
+    assert probe() == stats
+    # Layers named in `layers` may sit inside a custom layer; one without an activation,
+    # or the custom layer itself, is refused.
+    assert ActivationProbe(net, x, layers=["act", "hidden"]).names == ["block_0/act",
+                                                                       path(net.hidden)]
+    with pytest.raises(ValueError, match="'block_0' has no activation to watch"):
+        ActivationProbe(net, x, layers=["block_0"])
+    with pytest.raises(ValueError, match="No layer named 'nope'"):
+        ActivationProbe(net, x, layers=["nope"])
+
+
+def test_probe_reads_custom_layers_inside_a_functional_model():
+    """A Functional model holding a custom block: the graph's own layers and the
+    block's insides, read in one forward pass; the softmax output is not watched."""
+    x, _ = _data(16)
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6,))
+    first = keras.layers.Dense(4, activation="sigmoid", name="first")
+    block = _Block(4, activation="tanh", name="blk")
+    outputs = keras.layers.Dense(3, activation="softmax", name="out")(block(first(inputs)))
+    model = keras.Model(inputs, outputs, name="func")
+    config = model.get_config()
+    probe = ActivationProbe(model, x)
+    path = lambda layer: layer.kernel.path.rsplit("/", 1)[0]  # noqa: E731
+    assert probe.names == [path(first), path(block._up), path(block._down), "blk/act"]
+    stats = probe()
+    w, b = first.get_weights()
+    h = _sigmoid(x.astype(np.float64) @ w + b)
+    assert stats[path(first)]["gain"] == pytest.approx(np.mean(h * (1 - h)), rel=1e-5)
+    _up, _down, z = _block_forward(block, h)
+    assert stats["blk/act"]["gain"] == pytest.approx(np.mean(1 - np.tanh(z) ** 2), rel=1e-5)
+    assert model.get_config() == config
+
+
+def test_logger_probes_a_subclassed_model_during_fit():
+    """`probe_data` on a subclassed model: the first probe (before step 0) equals a
+    NumPy forward pass with the initial weights, and probes follow every `freq` steps."""
+    x, y = _data(64)
+    keras.utils.set_random_seed(0)
+    net = _Net(name="net")
+    net.compile(keras.optimizers.SGD(0.05), "sparse_categorical_crossentropy")
+    net(x[:1])
+    w, b = net.hidden.get_weights()
+    logger = GradNormLogger(probe_data=x[:16], activation_freq=2)
+    net.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[logger])
+    record = logger.activations
+    assert record.steps == [0, 2]
+    key = net.hidden.kernel.path.rsplit("/", 1)[0]
+    h = np.tanh(x[:16].astype(np.float64) @ w + b)
+    assert record.stats[0][key]["mean"] == pytest.approx(h.mean(), rel=1e-5)
+    assert len(record.stats[0]) == 7
 
 
 def _gelu(z):
@@ -269,7 +404,9 @@ def test_probe_watches_only_layers_whose_output_is_their_activation():
                               keras.layers.Dense(3, activation="softmax", name="out")],
                              name="net")
     probe = ActivationProbe(model, x)
-    assert probe.names == ["net/mine"]
+    block = model.get_layer("block")
+    # The block is not watched as ReLU; the Dense inside it (linear) is read in its place.
+    assert probe.names == ["net/mine", block.dense.kernel.path.rsplit("/", 1)[0]]
     w, b = model.get_layer("mine").get_weights()
     a = np.maximum(x @ w + b, 0.0)
     assert probe()["net/mine"]["gain"] == pytest.approx(np.mean(a > 0), abs=1e-9)

@@ -192,6 +192,17 @@ def test_activation_probe_reads_a_nested_model(checked):
     np.testing.assert_allclose(nested["means"], nested["expected_means"], rtol=1e-5)
 
 
+def test_activation_probe_reads_inside_a_subclassed_model_during_fit(checked):
+    """A subclassed model with a custom block: its layers are read as they are called; the
+    probes before steps 0 and 2 of `fit()` equal NumPy with the weights then."""
+    _, _, result = checked
+    captured = result["captured_activations"]
+    assert captured["steps"] == [0, 2], captured
+    assert captured["names"] == captured["expected_names"], captured
+    np.testing.assert_allclose(captured["means"], captured["expected_means"], rtol=1e-5)
+    assert captured["left_patched"] == []
+
+
 def test_probe_and_cli_check_equal_the_first_train_step(checked):
     """Regularized model with batch norm: one-batch probe == the logger's first step."""
     backend, _, result = checked
