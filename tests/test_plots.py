@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -155,7 +156,7 @@ def test_a_run_that_recorded_no_step_says_so_instead_of_empty_figures(tmp_path):
         assert result.exit_code == 0, result.output
         assert "recorded no step and no History: no figure to draw" in result.output
         assert not (run / "figures").exists()
-        page = open(write_report(str(run))).read()
+        page = pathlib.Path(write_report(str(run))).read_text()
     assert "The run recorded no step: no figure to draw." in page and "<img" not in page
 
 
