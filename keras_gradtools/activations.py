@@ -73,7 +73,9 @@ def activation_of(layer):
 
     `name` is the activation's function name (`"sigmoid"`, `"relu"`,
     `"leaky_relu"`, ...); `params` holds what its derivative needs
-    (`negative_slope`, `alpha`, `max_value`).
+    (`negative_slope`, `alpha`, `max_value`). An LSTM, GRU or ConvLSTM
+    layer is named by its kind (`"lstm"`, ...; see `gated_recurrent`): its
+    output is not its activation's, so no gain or saturation is read from it.
 
     Example:
 
@@ -97,12 +99,42 @@ def activation_of(layer):
         return "leaky_relu", {"negative_slope": float(layer.negative_slope)}
     if kind == "ELU":
         return "elu", {"alpha": float(getattr(layer, "alpha", 1.0))}
+    recurrent = gated_recurrent(layer)
+    if recurrent is not None:
+        return recurrent, {}
     if isinstance(layer, keras.layers.Layer) and hasattr(layer, "activation") and not isinstance(
             layer, keras.Model) and _keras_call(layer):
         name = _activation_name(layer.activation)
         if name == "leaky_relu":
             return name, {"negative_slope": 0.2}  # keras.activations.leaky_relu's default
         return name, {}
+    return None
+
+
+def gated_recurrent(layer):
+    """The kind of a Keras gated recurrent layer (`"lstm"`, `"gru"`, `"convlstm2d"`, ...),
+    or `None` for any other layer.
+
+    Their output mixes the activation with gates (LSTM: `o * tanh(c)`; GRU:
+    `z * h + (1 - z) * tanh(...)`), so it is not their `activation`'s
+    output, and its derivative cannot be read from it. `SimpleRNN`'s output
+    is its activation's, and it is not one of them.
+
+    Example:
+
+    >>> import keras
+    >>> gated_recurrent(keras.layers.LSTM(3)), gated_recurrent(keras.layers.SimpleRNN(3))
+    ('lstm', None)
+    """
+    import keras
+
+    if not isinstance(layer, keras.layers.RNN) or isinstance(layer, keras.layers.SimpleRNN):
+        return None
+    if not hasattr(layer, "activation"):
+        return None  # `keras.layers.RNN(cell)`: the cell's business
+    for cls in type(layer).__mro__:  # the Keras class a user's subclass extends
+        if (cls.__module__ or "").startswith("keras"):
+            return cls.__name__.lower()
     return None
 
 

@@ -3,6 +3,7 @@
 import keras
 
 from keras_gradtools import norms as norms_lib
+from keras_gradtools.activations import gated_recurrent
 from keras_gradtools.diagnose import ModelFacts
 
 _NORMALIZATION = ("BatchNormalization", "LayerNormalization", "GroupNormalization",
@@ -27,6 +28,8 @@ def _walk(layer, seen):
         return
     seen.add(id(layer))
     yield layer
+    if gated_recurrent(layer) is not None:
+        return  # its cell is part of it, with the same weights
     children = list(getattr(layer, "layers", None) or [])
     for name, value in vars(layer).items():  # sublayers kept as attributes (custom blocks)
         if name.startswith("_"):
@@ -70,7 +73,8 @@ def model_facts(model):
     keeps as public attributes (custom blocks). The learning rate is the
     current one (a schedule's value now). A layer's activation is its own
     `activation`, or that of an `Activation` layer (or a ReLU-family layer)
-    that follows it in a `Sequential`.
+    that follows it in a `Sequential`; an LSTM, GRU or ConvLSTM layer's is
+    its kind (`"lstm"`, ...), its gates being more than its activation.
 
     Args:
         model: a Keras model (built: layers without weights are not listed).
@@ -97,7 +101,7 @@ def model_facts(model):
             residual = True
         path = layer_path(layer) if layer is not model else None
         if path is not None and hasattr(layer, "activation"):
-            activations[path] = _activation_name(layer.activation)
+            activations[path] = gated_recurrent(layer) or _activation_name(layer.activation)
             last = path
         elif last is not None and isinstance(layer, keras.layers.Activation):
             activations[last] = _activation_name(layer.activation)

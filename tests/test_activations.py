@@ -414,6 +414,43 @@ def test_probe_watches_only_layers_whose_output_is_their_activation():
         ActivationProbe(model, x, layers=["block"])
 
 
+def test_gated_recurrent_layers_are_not_judged_as_their_activation():
+    """An LSTM's output is `o * tanh(c)`, a GRU's a gated mix: neither is its `tanh`'s
+    output, so no gain or saturation is read from them (only mean and std, of Keras' own
+    output); a SimpleRNN's output is its tanh's, and its gain is `1 - h^2`."""
+    from keras_gradtools.facts import model_facts
+
+    rng = np.random.default_rng(0)
+    x = (3.0 * rng.normal(size=(16, 5, 3))).astype("float32")
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((5, 3))
+    lstm = keras.layers.LSTM(4, return_sequences=True, name="lstm")(inputs)
+    gru = keras.layers.GRU(4, return_sequences=True, name="gru")(lstm)
+    rnn = keras.layers.SimpleRNN(4, name="rnn")(gru)
+    model = keras.Model(inputs, keras.layers.Dense(2, name="out")(rnn), name="rec")
+    stats = ActivationProbe(model, x)()
+    reads = keras.Model(inputs, [lstm, gru, rnn])
+    h_lstm, h_gru, h_rnn = (np.asarray(keras.ops.convert_to_numpy(t), np.float64)
+                            for t in reads(x))
+    key = {name: model.get_layer(name).weights[0].path.rsplit("/", 1)[0]
+           for name in ("lstm", "gru", "rnn")}
+    for name, h in (("lstm", h_lstm), ("gru", h_gru)):
+        assert stats[key[name]]["activation"] == name
+        assert stats[key[name]]["gain"] is None and stats[key[name]]["saturated"] is None
+        assert stats[key[name]]["mean"] == pytest.approx(h.mean(), rel=1e-5)
+    assert stats[key["rnn"]]["activation"] == "tanh"
+    assert stats[key["rnn"]]["gain"] == pytest.approx(np.mean(1 - h_rnn ** 2), rel=1e-5)
+    # `gradtools check`'s fixes never propose replacing an LSTM's tanh.
+    facts = model_facts(model)
+    assert [facts.activations[key[n]] for n in ("lstm", "gru", "rnn")] == ["lstm", "gru",
+                                                                            "tanh"]
+    keys = [f"{key[n]}/kernel" for n in ("lstm", "gru", "rnn")] + ["out/kernel"]
+    rows = np.tile([1e-9, 1e-9, 1e-3, 1.0], (60, 1))
+    fixes = diagnose_norms(rows, keys, facts=facts).first("vanishing").fixes
+    # The SimpleRNN alone (named by its cell, as its weights' keys are).
+    assert fixes[0].startswith("Replace tanh in simple_rnn_cell (1 layer(s))"), fixes
+
+
 def test_bad_probe_data_is_refused_when_the_logger_is_made():
     with pytest.raises(ValueError, match="NaN or Inf"):
         GradNormLogger(probe_data=np.array([[1.0, np.nan]]))
