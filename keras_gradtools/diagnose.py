@@ -288,10 +288,12 @@ class ModelFacts:
         return dict(list(self.activations.items())[:-1])
 
 
-def _vanishing_fixes(layers, judged, facts):
-    """The vanishing finding's fixes, chosen from the model when its facts are known."""
+def _vanishing_fixes(layers, judged, facts, cause=None):
+    """The vanishing finding's fixes, chosen from the model when its facts are known, and
+    led by the cause when the probe told it (`vanishing_cause`'s evidence)."""
     shallower = (f"make the network shallower: {len(layers)} of {judged} weights are starved")
-    if facts is None:
+    cause = cause or {}
+    if facts is None and not cause:
         return [
             "Use ReLU with He initialization instead of sigmoid/tanh "
             "(`Dense(..., activation='relu', kernel_initializer='he_normal')`; with the "
@@ -301,9 +303,26 @@ def _vanishing_fixes(layers, judged, facts):
             f"Add residual connections (`ResNetBlock`, `resnet_model`), or {shallower}.",
         ]
     fixes = []
-    hidden = facts.hidden_activations()
+    if cause.get("cause") == "saturation":
+        saturated = cause.get("saturated_layers") or []
+        fixes.append(
+            f"Keep {_layers_span(saturated) if saturated else 'the saturated layers'} out of "
+            "their flat tails: normalize their inputs (`keras.layers.BatchNormalization()` "
+            "before the activation), scale the inputs or initial weights down, or use ReLU "
+            "with He initialization there.")
+    elif cause.get("cause") == "weights":
+        fixes.append(
+            f"Check the initialization of {_span(layers)} and the layers above them: the "
+            f"activations pass on {cause['predicted_ratio']:.2g} of the gradient, the weights "
+            f"bring it to {cause['observed_ratio']:.2g}. Use Keras' default Glorot or He "
+            "initializers (`kernel_initializer='he_normal'` with ReLU) rather than a small "
+            "fixed scale.")
+    hidden = facts.hidden_activations() if facts is not None else {}
     saturating = [layer for layer, act in hidden.items() if act in SATURATING]
-    if saturating:
+    # Compounding needs depth: one bounded layer among many others (a transformer's
+    # tanh pooler) does not starve the layers below it by its derivative.
+    if saturating and cause.get("cause") != "weights" and (
+            len(saturating) >= 2 or 2 * len(saturating) >= len(hidden)):
         names = sorted({hidden[layer] for layer in saturating})
         short = [layer.rsplit("/", 1)[-1] for layer in saturating]
         where = ", ".join(short) if len(short) <= 3 else f"{short[0]} ... {short[-1]}"
@@ -312,6 +331,10 @@ def _vanishing_fixes(layers, judged, facts):
             "with ReLU and He initialization: `activation='relu', "
             "kernel_initializer='he_normal'` on each; their derivative is at most "
             f"{'0.25' if names == ['sigmoid'] else '1'} and compounds over the depth.")
+    if facts is None:
+        fixes.append("Add batch normalization after the hidden layers, or residual "
+                     f"connections (`ResNetBlock`, `resnet_model`), or {shallower}.")
+        return fixes
     if not facts.normalization:
         fixes.append("Add `keras.layers.BatchNormalization()` after each hidden layer "
                      "(before its activation): the model has no normalization layer.")
@@ -610,7 +633,8 @@ def vanishing_rule(rows, keys, first_step=0, state=None, ratio=1e-3, floor=1e-7,
                      f"layer's ({_short(keys[ref])}: {ref_norm:.3g}), below {ratio:g} for "
                      f"{patience} steps: the early layers barely learn."
                      + (f" {cause}" if cause else "")),
-            fixes=_vanishing_fixes(layers, int(judged.sum()), facts),
+            fixes=_vanishing_fixes(layers, int(judged.sum()), facts,
+                                   evidence if "cause" in evidence else None),
         ))
     return findings, state
 
@@ -960,6 +984,7 @@ def vanishing_cause(layer_key, observed_ratio, stats):
               and abs(np.log10(predicted / observed_ratio)) <= 1.0)
     if saturated:
         evidence["cause"] = "saturation"
+        evidence["saturated_layers"] = list(saturated)
         sentence = (f"Cause: saturation: {_layers_span(list(saturated))} have "
                     f"{max(saturated.values()):.0%} of their {'/'.join(activations)} outputs "
                     "in the flat tails, where the derivative is ~0.")

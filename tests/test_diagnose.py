@@ -389,6 +389,62 @@ def test_vanishing_fixes_never_suggest_what_the_model_has():
     assert "normalization and shortcuts already" in fixes[0]
 
 
+def test_vanishing_fixes_leave_a_lone_bounded_layer_alone():
+    """One tanh among many other layers (a transformer's pooler) cannot starve the layers
+    below it by compounding: it is not the first thing to change; two or more are."""
+    from keras_gradtools.diagnose import ModelFacts
+
+    keys = [f"enc/block_{i}/dense/kernel" for i in range(6)] + ["enc/out/kernel"]
+    rows = np.tile([1e-9] * 3 + [1e-2] * 3 + [1.0], (60, 1))
+    activations = {f"enc/block_{i}/dense": "gelu" for i in range(5)}
+    lone = ModelFacts(activations={**activations, "enc/block_5/dense": "tanh",
+                                   "enc/out": "linear"}, normalization=["enc/ln"])
+    fixes = diagnose_norms(rows, keys, facts=lone).first("vanishing").fixes
+    assert not any("Replace" in fix for fix in fixes), fixes
+    two = ModelFacts(activations={**activations, "enc/block_4/dense": "tanh",
+                                  "enc/block_5/dense": "tanh", "enc/out": "linear"},
+                     normalization=["enc/ln"])
+    fixes = diagnose_norms(rows, keys, facts=two).first("vanishing").fixes
+    assert fixes[0].startswith("Replace tanh in dense, dense (2 layer(s))"), fixes
+
+
+def _probe_entries(gain, saturated=0.0):
+    """One probe before step 0: three sigmoid layers with this gain, then the output."""
+    stats = {f"net/dense_{i}": {"activation": "sigmoid", "gain": gain, "saturated": saturated}
+             for i in range(3)}
+    stats["net/out"] = {"activation": "softmax", "gain": 1.0, "saturated": None}
+    return [(0, stats)]
+
+
+def test_vanishing_fixes_follow_the_cause_the_probe_told():
+    """The cause leads the fixes: the weights' initialization when the activations do not
+    account for the starving, the saturated layers when they are saturated, the bounded
+    activations when their derivatives compound to the ratio observed."""
+    facts = _facts("sigmoid")
+    # Observed 1e-9 for dense_0, the gains on its way 0.2^3 (and the output's 1): the
+    # weights do the rest.
+    report = diagnose_norms(VANISHING_ROWS, KEYS4, facts=facts,
+                            activations=_probe_entries(0.2))
+    finding = report.first("vanishing")
+    assert finding.evidence["cause"] == "weights"
+    assert finding.fixes[0].startswith("Check the initialization of dense_0/kernel")
+    assert "pass on 0.008 of the gradient, the weights bring it to 1e-09" in finding.fixes[0]
+    assert not any("Replace" in fix for fix in finding.fixes), finding.fixes
+    report = diagnose_norms(VANISHING_ROWS, KEYS4, facts=facts,
+                            activations=_probe_entries(0.2, saturated=0.6))
+    finding = report.first("vanishing")
+    assert finding.evidence["cause"] == "saturation"
+    assert finding.evidence["saturated_layers"] == ["net/dense_0", "net/dense_1", "net/dense_2"]
+    assert finding.fixes[0].startswith("Keep dense_0, dense_1, dense_2 out of their flat tails")
+    assert finding.fixes[1].startswith("Replace sigmoid in dense_0, dense_1, dense_2")
+    # Gains whose product is the ratio observed (1e-9 = 0.001^3): compounding.
+    report = diagnose_norms(VANISHING_ROWS, KEYS4, facts=facts,
+                            activations=_probe_entries(1e-3))
+    finding = report.first("vanishing")
+    assert finding.evidence["cause"] == "compounding"
+    assert finding.fixes[0].startswith("Replace sigmoid in dense_0, dense_1, dense_2")
+
+
 def test_exploding_fixes_fit_the_model():
     rows = np.concatenate([np.full((200, 4), 1.0), [[500.0] * 4] * 5])
     rows[::2] *= 1.1
