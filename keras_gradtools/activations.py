@@ -253,6 +253,9 @@ class ActivationProbe:
     Attributes:
         names: the watched layers' paths (as in the recorded keys, e.g.
             `"deep/dense_3"`), input to output.
+        reads: how the outputs are read: `"graph"` (one `predict_on_batch`
+            of a model of them), `"calls"` (a forward pass of the model with
+            the watched layers' calls wrapped) or `"outputs_fn"`.
 
     Raises:
         ValueError: for probe data the model does not take, an unknown
@@ -276,6 +279,7 @@ class ActivationProbe:
         self.data = data
         self.outputs_fn = outputs_fn
         self.last_outputs = {}
+        self.reads = "outputs_fn" if outputs_fn is not None else "graph"
         if outputs_fn is not None:
             if not callable(outputs_fn):
                 raise ValueError(
@@ -297,7 +301,7 @@ class ActivationProbe:
             # Layers inside the user's own layers or a subclassed model: read
             # as they are called, once here to know them.
             self._captured = _Captured(model, data, layers)
-            self.names = self._captured.names
+            self.names, self.reads = self._captured.names, "calls"
             return
         inputs = model.inputs
         self._watched, outputs = self._choose(model, layers)

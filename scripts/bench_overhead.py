@@ -18,7 +18,9 @@ every 50), with update-to-weight ratios, with all that `gradtools reproduce`
 attaches (probe, update ratios and the monitor: `reproduce`), and each
 clipping preset (its own model, same weights, against plain Adam). The
 probes run at batch begin from the first step on: measure them over runs
-several times `activation_freq` long (`--steps 1000`).
+several times `activation_freq` long (`--steps 1000`). With a probe
+candidate, one probe is also timed on its own (median of 20 calls) against
+the plain step.
 
 `--cases vanishing,exploding,clipped,resnet` (or `all`) times the article's
 cases too: each case's model and batch size, plain fit() (which gives the
@@ -117,6 +119,34 @@ def _small_transformer(blocks=4, dim=64, heads=4):
     return keras.Model(inputs, outputs, name="small_transformer")
 
 
+class _EncoderBlock(keras.layers.Layer):
+    """`_small_transformer`'s block as a layer of the user's own: no graph exposes its
+    sublayers, so the activation probe reads them as the model calls them."""
+
+    def __init__(self, dim, heads, **kwargs):
+        super().__init__(**kwargs)
+        self.attention = keras.layers.MultiHeadAttention(heads, dim // heads, name="attention")
+        self.norm_a = keras.layers.LayerNormalization(name="norm_a")
+        self.ffn_a = keras.layers.Dense(2 * dim, activation="gelu", name="ffn_a")
+        self.ffn_b = keras.layers.Dense(dim, name="ffn_b")
+        self.norm_b = keras.layers.LayerNormalization(name="norm_b")
+
+    def call(self, h):
+        h = self.norm_a(h + self.attention(h, h))
+        return self.norm_b(h + self.ffn_b(self.ffn_a(h)))
+
+
+def _custom_transformer(blocks=4, dim=64, heads=4):
+    """`_small_transformer` with its blocks as custom layers (the same variables)."""
+    inputs = keras.Input((28, 28, 1))
+    h = keras.layers.Dense(dim, name="embed")(keras.layers.Reshape((28, 28))(inputs))
+    for i in range(blocks):
+        h = _EncoderBlock(dim, heads, name=f"block_{i}")(h)
+    h = keras.layers.GlobalAveragePooling1D()(h)
+    outputs = keras.layers.Dense(10, activation="softmax", name="output")(h)
+    return keras.Model(inputs, outputs, name="custom_transformer")
+
+
 JIT_COMPILE = "auto"  # set by --jit-compile
 
 
@@ -172,6 +202,7 @@ MODELS = {
     "deep_linear": (create_deep_linear_model, True, 32),
     "small_cnn": (_small_cnn, False, 128),
     "small_transformer": (_small_transformer, False, 64),
+    "custom_transformer": (_custom_transformer, False, 64),
 }
 
 
@@ -200,7 +231,27 @@ def bench_model(name, steps, reps, candidates):
         with _scope():
             return _compile(build(), optimizer)
 
-    _interleave(name, make, x, y, batch_size, steps, reps, candidates)
+    base = _interleave(name, make, x, y, batch_size, steps, reps, candidates)
+    if any("probe" in c or c == "reproduce" for c in candidates):
+        _time_probe(make(), x[:64], base)
+
+
+def _time_probe(model, x, step_seconds, calls=20):
+    """The median time of one activation probe, against a plain step."""
+    from keras_gradtools.activations import ActivationProbe
+
+    probe = ActivationProbe(model, x)
+    probe()  # the first call builds (graph) or warms up
+    seconds = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        probe()
+        seconds.append(time.perf_counter() - start)
+    ms, step_ms = statistics.median(seconds) * 1e3, step_seconds * 1e3
+    how = {"graph": "from a model of their outputs", "calls": "as the model calls them"}
+    click.echo(f"  one activation probe ({len(x)} samples, {len(probe.names)} layers read "
+               f"{how[probe.reads]}): {ms:.1f} ms = {ms / step_ms:.2f} plain steps; every "
+               f"200 steps {100 * ms / (200 * step_ms):.2f} % of the step time")
 
 
 def bench_case(name, steps, reps):
@@ -260,6 +311,7 @@ def _interleave(name, make, x, y, batch_size, steps, reps, candidates):
             f"  {c:<28} {statistics.median(times[c]) * 1e3:8.2f} "
             f"{statistics.median(ratios[c]):8.3f} {min(ratios[c]):7.3f} {max(ratios[c]):7.3f}"
         )
+    return base
 
 
 def bench_probe(samples):
@@ -295,7 +347,8 @@ def _choices(value, known, what, option):
 @click.command()
 @click.option("--models", "model_names", default="deep_linear,small_cnn",
               show_default=True,
-              help="Comma-separated: deep_linear, small_cnn, small_transformer (empty: none).")
+              help="Comma-separated: deep_linear, small_cnn, small_transformer, "
+                   "custom_transformer (empty: none).")
 @click.option("--candidates", default=",".join(CANDIDATES), show_default=True,
               help=f"Comma-separated: {', '.join(CANDIDATES)}.")
 @click.option("--steps", default=300, show_default=True, type=click.IntRange(min=20),

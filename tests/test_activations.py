@@ -94,6 +94,7 @@ def test_probe_equals_a_numpy_forward_pass():
     probe = ActivationProbe(model, x)
     stats = probe()
     assert probe.names == ["net/sig", "net/rel"]  # the softmax output is not watched
+    assert probe.reads == "graph"
     assert stats["net/sig"]["mean"] == pytest.approx(a1.mean(), rel=1e-5)
     assert stats["net/sig"]["std"] == pytest.approx(a1.std(), rel=1e-4)
     assert stats["net/sig"]["gain"] == pytest.approx(np.mean(a1 * (1 - a1)), rel=1e-5)
@@ -201,6 +202,7 @@ def test_probe_reads_the_layers_inside_subclassed_models_and_custom_layers():
     before = keras.ops.convert_to_numpy(net(x))
     probe = ActivationProbe(net, x)
     stats = probe()
+    assert probe.reads == "calls"
     path = lambda layer: layer.kernel.path.rsplit("/", 1)[0]  # noqa: E731
     b0, b1 = net.blocks
     assert probe.names == [path(net.hidden), path(b0._up), path(b0._down), "block_0/act",
