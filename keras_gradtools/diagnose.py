@@ -943,9 +943,10 @@ def vanishing_cause(layer_key, observed_ratio, stats):
     The gradient reaching `layer_key`'s weights has passed through the local
     derivative of every activation from that layer to the output; their
     product (`predicted_ratio`) is what the activations alone make of the
-    gradient. Within 10x of the observed ratio, that compounding is the
-    cause; with half the units of a layer on the way saturated, saturation
-    is; else the weights (their scale) account for the rest.
+    gradient. With half the units of a layer on the way saturated,
+    saturation is the cause; else, within 10x of the observed ratio or
+    below it, that compounding is; else (the activations pass on more than
+    10x what is observed) the weights (their scale) account for the rest.
 
     Args:
         layer_key: the starving variable's key (`m/dense_0/kernel`).
@@ -988,7 +989,9 @@ def vanishing_cause(layer_key, observed_ratio, stats):
         sentence = (f"Cause: saturation: {_layers_span(list(saturated))} have "
                     f"{max(saturated.values()):.0%} of their {'/'.join(activations)} outputs "
                     "in the flat tails, where the derivative is ~0.")
-    elif within:
+    elif within or predicted < observed_ratio:
+        # Within 10x, or smaller still: the activations alone starve it at least as much
+        # as observed (the weights pass on more than they take).
         evidence["cause"] = "compounding"
         sentence = (f"Cause: the activations' derivative compounded over depth, not "
                     f"saturation: the {len(path)} {'/'.join(activations)} layer(s) from "

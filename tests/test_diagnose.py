@@ -437,6 +437,14 @@ def test_vanishing_fixes_follow_the_cause_the_probe_told():
     assert finding.evidence["saturated_layers"] == ["net/dense_0", "net/dense_1", "net/dense_2"]
     assert finding.fixes[0].startswith("Keep dense_0, dense_1, dense_2 out of their flat tails")
     assert finding.fixes[1].startswith("Replace sigmoid in dense_0, dense_1, dense_2")
+    # Gains whose product is below the ratio observed (1e-12 against 1e-9): the activations
+    # alone starve it more than observed: compounding, not the weights.
+    report = diagnose_norms(VANISHING_ROWS, KEYS4, facts=facts,
+                            activations=_probe_entries(1e-4))
+    finding = report.first("vanishing")
+    assert finding.evidence["cause"] == "compounding"
+    assert finding.evidence["predicted_ratio"] == pytest.approx(1e-12)
+    assert finding.fixes[0].startswith("Replace sigmoid in dense_0, dense_1, dense_2")
     # Gains whose product is the ratio observed (1e-9 = 0.001^3): compounding.
     report = diagnose_norms(VANISHING_ROWS, KEYS4, facts=facts,
                             activations=_probe_entries(1e-3))
