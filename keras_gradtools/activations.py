@@ -15,9 +15,10 @@ layer's output on the host to:
   and position of the probe batch, `None` otherwise;
 - `gain`: the mean local derivative of the activation at the layer's
   values (`a(1-a)` for sigmoid, `1-a^2` for tanh, 1 for linear, ...): the
-  factor by which this activation scales the gradient on its way down,
-  `None` where the output does not determine it (GELU and SiLU fused into
-  a layer; an `Activation` layer of its own is read at its input, exactly).
+  factor by which this activation scales the gradient on its way down.
+  GELU and SiLU are read at their input: exactly for an `Activation` layer
+  of their own, and for one fused into a layer (`Dense(..., "gelu")`) where
+  the layer is read as called (below); `None` where only its output is read.
 
 Which layers are watched: every layer that has an `activation` (Dense,
 convolutions, ...) or is an activation layer (`Activation`, `ReLU`,
@@ -54,7 +55,7 @@ import numpy as np
 _SATURATION = 0.02  # distance from the bound, as a fraction of the range
 _BOUNDED = ("sigmoid", "hard_sigmoid", "tanh", "softsign")
 _DEAD = ("relu", "relu6")
-_FROM_INPUT = ("gelu", "silu", "swish")
+_FROM_INPUT = ("gelu", "gelu_approximate", "silu", "swish")
 
 
 def _activation_name(activation):
@@ -158,6 +159,11 @@ def _gain(values, name, params, inputs=None):
             erf = np.vectorize(__import__("math").erf, otypes=[np.float64])
             cdf = 0.5 * (1.0 + erf(z / sqrt(2.0)))
             return float(np.mean(cdf + z * np.exp(-0.5 * z * z) / sqrt(2.0 * pi)))
+        if name == "gelu_approximate":  # 0.5 z (1 + tanh(u)), u = c (z + 0.044715 z^3)
+            c = np.sqrt(2.0 / np.pi)
+            t = np.tanh(c * (z + 0.044715 * z ** 3))
+            return float(np.mean(0.5 * (1.0 + t)
+                                 + 0.5 * z * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * z * z)))
         s = 1.0 / (1.0 + np.exp(-z))
         return float(np.mean(s * (1.0 + z * (1.0 - s))))
     if name == "sigmoid":
@@ -562,10 +568,25 @@ class _Captured:
                 return call
             return wrap
 
+        def keep_input(key):
+            def wrap(original):
+                @functools.wraps(original)
+                def activation(z, *args, **kwargs):
+                    fused.setdefault(key, z)
+                    return original(z, *args, **kwargs)
+                return activation
+            return wrap
+
+        fused = {}
         with contextlib.ExitStack() as stack:
-            for key, (layer, *_rest) in self._candidates.items():
+            for key, (layer, name, *_rest) in self._candidates.items():
                 stack.enter_context(internals.patch_call(layer, make(key)))
+                if name in _FROM_INPUT and not isinstance(layer, keras.layers.Activation):
+                    # Fused into the layer (`Dense(..., activation="gelu")`): its
+                    # derivative needs its input, read as the layer applies it.
+                    stack.enter_context(internals.patch_activation(layer, keep_input(key)))
             outputs = _run(model, data, "run")
+        self._fused = fused
         return keras.tree.flatten(outputs), calls
 
     def __call__(self, model, data):
@@ -585,6 +606,8 @@ class _Captured:
             z = None
             if name in _FROM_INPUT and isinstance(layer, keras.layers.Activation):
                 z = norms_lib.to_numpy(first)
+            elif name in _FROM_INPUT and key in self._fused:
+                z = norms_lib.to_numpy(self._fused[key])
             values[path] = a
             stats[path] = layer_stats(a, name, params, z)
         return stats, values

@@ -19,6 +19,7 @@ Contact points (tested on Keras 3.3.3 / TF 2.16.2 and Keras 3.15.1 / TF
 | `layer._inbound_nodes[0]`: its `arguments` and `output_tensors` (`first_call`) | the activation probe reads the layers of a model nested in the user's (a `keras.applications` base, a keras-hub backbone) through a model of their own, called on the tensor that feeds the nested model in the outer graph | none: a nested Functional model's public `input` / `output` are its own graph's |
 | `layer._flatten_layers(include_self=False, recursive=False)` (`sublayers`) | the activation probe finds the layers inside the user's own layers and subclassed models (sublayers kept as private attributes too, as keras-hub's blocks keep them): what Keras' `Model.layers` reads | none for a `Layer`; a model's public `layers` |
 | `layer.call`, replaced on the instance while the probe runs the model forward (`patch_call`) | the outputs of the layers inside the user's own layers and subclassed models, which no graph exposes | none: Keras 3 has no forward hooks |
+| `layer.activation`, replaced on the instance while the probe runs the model forward (`patch_activation`) | a GELU or SiLU fused into a layer (`Dense(..., activation="gelu")`): its derivative needs its input, which only the layer's `call` sees | none (a public attribute, but Keras does not document replacing it) |
 | `optimizer._trainable_variables` (`optimizer_variables`) | `apply(grads)` called without variables applies to these | none |
 | `optimizer._clip_gradients` (`keras_clip`) | the gradients Keras' own `clipnorm` / `clipvalue` / `global_clipnorm` leave, to record the applied norms | re-implementing Keras' clipping (it would drift from Keras') |
 | the source of `keras.src.optimizers.base_optimizer.BaseOptimizer.apply` (`keras_clips_accumulated_mean`) | under `gradient_accumulation_steps` Keras up to 3.4 clips each batch's gradient, 3.5 on the accumulated mean (keras-team/keras#19998): the applied norms exist per step only in the first case | the version threshold 3.5.0 (the fallback where the source is not installed) |
@@ -226,6 +227,12 @@ def patch_stateless_non_finite_handler(optimizer, make):
 def patch_call(layer, make):
     """A `Patch` of a layer's `call(*args, **kwargs)` (what its `__call__` runs)."""
     return Patch(layer, "call", make)
+
+
+def patch_activation(layer, make):
+    """A `Patch` of a layer's `activation(x)` (what Keras' `Dense`, convolutions, ... apply
+    last in their `call`)."""
+    return Patch(layer, "activation", make)
 
 
 def set_train_function(model, function):

@@ -240,6 +240,51 @@ def test_probe_reads_the_layers_inside_subclassed_models_and_custom_layers():
         ActivationProbe(net, x, layers=["nope"])
 
 
+def test_fused_gelu_and_silu_are_read_at_their_input_inside_custom_layers():
+    """`Dense(..., activation="gelu")` inside a layer of the user's own: the layer is read as
+    called, and so is its activation's input: the gain is GELU's (SiLU's) derivative there."""
+
+    class Mlp(keras.layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self._a = keras.layers.Dense(5, activation="gelu", name="a")
+            self._b = keras.layers.Dense(4, activation="silu", name="b")
+
+        def call(self, x):
+            return self._b(self._a(x))
+
+    x, _ = _data(16)
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6,))
+    block = Mlp(name="mlp")
+    model = keras.Model(inputs, keras.layers.Dense(3, name="out")(block(inputs)))
+    stats = ActivationProbe(model, x)()
+    (wa, ba), (wb, bb) = block._a.get_weights(), block._b.get_weights()
+    za = x.astype(np.float64) @ wa + ba
+    zb = _gelu(za) @ wb + bb
+    slope = lambda f, z: (f(z + 1e-4) - f(z - 1e-4)) / 2e-4  # noqa: E731
+    silu = lambda z: z * _sigmoid(z)  # noqa: E731
+    key = lambda layer: layer.kernel.path.rsplit("/", 1)[0]  # noqa: E731
+    assert stats[key(block._a)]["gain"] == pytest.approx(slope(_gelu, za).mean(), rel=1e-5)
+    assert stats[key(block._b)]["gain"] == pytest.approx(slope(silu, zb).mean(), rel=1e-5)
+    assert block._a.activation is keras.activations.get("gelu")  # put back as found
+
+
+def test_approximate_gelu_gain():
+    """The tanh approximation of GELU (keras-hub's `gelu_approximate`): the gain is its
+    derivative, against finite differences of the function (which is Keras' own)."""
+    def approx(v):
+        return 0.5 * v * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (v + 0.044715 * v ** 3)))
+
+    z = np.linspace(-3.0, 3.0, 13)[None, :]
+    keras_values = keras.ops.convert_to_numpy(
+        keras.activations.gelu(keras.ops.convert_to_tensor(z, "float32"), approximate=True))
+    np.testing.assert_allclose(keras_values, approx(z), atol=1e-6)
+    slope = (approx(z + 1e-6) - approx(z - 1e-6)) / 2e-6
+    stats = layer_stats(approx(z), "gelu_approximate", inputs=z)
+    assert stats["gain"] == pytest.approx(float(np.mean(slope)), rel=1e-8)
+
+
 def test_probe_reads_custom_layers_inside_a_functional_model():
     """A Functional model holding a custom block: the graph's own layers and the
     block's insides, read in one forward pass; the softmax output is not watched."""
