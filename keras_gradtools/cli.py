@@ -274,7 +274,7 @@ def check(model_path, data_source, loss, batch_size, as_json, imports, safe_mode
     """Pre-flight check of a saved model: gradient norms at initialization, one batch."""
     import keras
 
-    from keras_gradtools.probe import preflight_check
+    from keras_gradtools.probe import preflight_activations, preflight_check
 
     if not os.path.isfile(model_path):
         raise click.BadParameter(f"no file at {model_path}", param_hint="MODEL_PATH")
@@ -309,17 +309,38 @@ def check(model_path, data_source, loss, batch_size, as_json, imports, safe_mode
         model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
         click.echo("The model was saved without a loss: using "
                    "sparse_categorical_crossentropy.", err=True)
-    norms, report = preflight_check(model, x, y, batch_size=batch_size)
+    stats, why_not = preflight_activations(model, x)
+    norms, report = preflight_check(model, x, y, batch_size=batch_size, activations=stats)
     if as_json:
         import json
 
-        click.echo(json.dumps({"norms": norms, "report": report.to_dict()}, indent=1))
+        from keras_gradtools.activations import ActivationRecord
+
+        stats = ActivationRecord([0], [stats]).to_dict()["stats"][0] if stats else None
+        click.echo(json.dumps({"norms": norms, "activations": stats,
+                               "report": report.to_dict()}, indent=1))
         return
     samples = len(next(iter(x.values())) if isinstance(x, dict) else x)
     click.echo(f"Gradient norms at initialization ({model.name}, one batch of {samples}):")
     width = max(len(k) for k in norms)
     for key, value in norms.items():
         click.echo(f"  {key:<{width}}  {value:.3e}")
+    click.echo("")
+    if stats:
+        click.echo(f"Activations at initialization (inference mode, first {min(samples, 64)} "
+                   "samples; gain: the mean local derivative):")
+        width = max(len(k) for k in stats)
+        kind = max(len("activation"), *(len(s["activation"]) for s in stats.values()))
+        click.echo(f"  {'layer':<{width}}  {'activation':<{kind}} {'mean':>9} {'std':>9} "
+                   f"{'gain':>7}  saturated/dead")
+        for layer, s in stats.items():
+            tail = (f"saturated {s['saturated']:.2f}" if s["saturated"] is not None else
+                    f"dead {s['dead']:.2f}" if s["dead"] is not None else "")
+            gain = "-" if s["gain"] is None else f"{s['gain']:.3g}"
+            click.echo(f"  {layer:<{width}}  {s['activation']:<{kind}} {s['mean']:9.3g} "
+                       f"{s['std']:9.3g} {gain:>7}  {tail}".rstrip())
+    else:
+        click.echo(f"No activation statistics: {why_not}.")
     click.echo("")
     click.echo(str(report))
 

@@ -180,7 +180,52 @@ def _gradient_function(model, variables, training):
         f"Received: keras.backend.backend()={backend!r}")
 
 
-def preflight_check(model, x, y, batch_size=256, include_biases=False):
+_MOVING_STATISTICS = ("BatchNormalization",)
+
+
+def preflight_activations(model, x, samples=64):
+    """Activation statistics at initialization, on the first `samples` inputs.
+
+    What `GradNormLogger(probe_data=...)` measures during training (see
+    `keras_gradtools.activations`), once, in inference mode. Not taken for
+    a model with batch normalization: before training its moving
+    statistics are not the batch's, so inference-mode activations would
+    not be those of the first training steps.
+
+    Args:
+        model: a built `keras.Model`.
+        x: inputs (at least one sample).
+        samples: how many of them the probe runs on. Defaults to `64`.
+
+    Returns:
+        `(stats, None)`, `stats` a dict `{layer_path: layer_stats}` input to
+        output; or `(None, why)`, `why` a sentence.
+    """
+    from keras_gradtools.activations import ActivationProbe
+
+    if any(type(layer).__name__ in _MOVING_STATISTICS for layer in _all_layers(model)):
+        return None, ("the model has batch normalization, whose moving statistics are not "
+                      "the batch's before training")
+    try:
+        probe = ActivationProbe(model, keras.tree.map_structure(lambda a: a[:samples], x))
+    except ValueError as error:
+        return None, str(error).split(". ")[0]
+    return probe(), None
+
+
+def _all_layers(model):
+    """Every layer in `model`, nested models' and custom layers' included."""
+    seen, stack = set(), [model]
+    while stack:
+        layer = stack.pop()
+        if id(layer) in seen:
+            continue
+        seen.add(id(layer))
+        yield layer
+        stack.extend(internals.sublayers(layer))
+
+
+def preflight_check(model, x, y, batch_size=256, include_biases=False, activations=None):
     """Judges a model's gradients at initialization, from one batch.
 
     Takes the first `batch_size` samples, computes each variable's gradient
@@ -197,6 +242,10 @@ def preflight_check(model, x, y, batch_size=256, include_biases=False):
         y: targets.
         batch_size: samples in the batch. Defaults to `256`.
         include_biases: whether biases are judged too. Defaults to `False`.
+        activations: activation statistics at initialization
+            (`preflight_activations`), or `None`. With them a `vanishing`
+            finding states its cause, and saturated or dead layers that
+            explain it are findings too. Defaults to `None`.
 
     Returns:
         `(norms, report)`: a dict `variable.path -> norm` and a
@@ -212,11 +261,12 @@ def preflight_check(model, x, y, batch_size=256, include_biases=False):
     )
     keys = list(norms)
     thresholds = {"vanishing": {"patience": 1}, "dead_layer": {"patience": 1},
-                  "exploding": {"warmup": 1}}
+                  "exploding": {"warmup": 1}, "saturation": {"patience": 1},
+                  "dead_units": {"patience": 1}}
     from keras_gradtools.facts import model_facts
 
     report = diagnose.diagnose_norms(
         np.array([[norms[k] for k in keys]]), keys, thresholds=thresholds,
-        facts=model_facts(model),
+        facts=model_facts(model), activations=[(0, activations)] if activations else None,
     )
     return norms, report

@@ -114,6 +114,60 @@ def test_check_calls_sigmoid_vanishing_and_resnet_healthy(tmp_path):
     assert json.loads(result.output)["report"]["findings"] == []
 
 
+def test_check_states_the_cause_from_the_activations_at_initialization(tmp_path):
+    """`gradtools check` probes the activations on the batch (inference mode): their
+    statistics equal a NumPy forward pass, and the vanishing finding states its cause.
+    A model with batch normalization gets none (its moving statistics are not yet the
+    batch's), and says so."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((6,))]
+                             + [keras.layers.Dense(8, activation="sigmoid", name=f"s{i}")
+                                for i in range(8)]
+                             + [keras.layers.Dense(3, activation="softmax", name="out")],
+                             name="deep")
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    model.save(tmp_path / "deep.keras")
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(32, 6)).astype("float32"), rng.integers(0, 3, 32)
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    args = ["check", str(tmp_path / "deep.keras"), "--data", str(tmp_path / "data.npz"),
+            "--batch-size", "32"]
+    result = CliRunner().invoke(cli.main, args + ["--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    a, gains = x.astype(np.float64), []
+    for i in range(8):
+        w, b = model.get_layer(f"s{i}").get_weights()
+        a = 1.0 / (1.0 + np.exp(-(a @ w + b)))
+        gains.append(np.mean(a * (1 - a)))
+    assert list(data["activations"]) == [f"s{i}" for i in range(8)]
+    np.testing.assert_allclose([data["activations"][f"s{i}"]["gain"] for i in range(8)], gains,
+                               rtol=1e-5)
+    finding = data["report"]["findings"][0]
+    assert finding["kind"] == "vanishing" and finding["evidence"]["cause"] == "compounding"
+    # The first starved layer's predicted ratio: the gains from it to the output (softmax's
+    # layer is the output, not a hidden layer: not in the product).
+    first = finding["layers"][0].rsplit("/", 1)[0]
+    start = [f"s{i}" for i in range(8)].index(first)
+    assert finding["evidence"]["predicted_ratio"] == pytest.approx(np.prod(gains[start:]),
+                                                                   rel=1e-5)
+    result = CliRunner().invoke(cli.main, args)
+    assert "Activations at initialization (inference mode, first 32 samples" in result.output
+    assert "Cause: the activations' derivative compounded over depth" in result.output
+
+    keras.utils.set_random_seed(0)
+    normed = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="tanh"),
+                               keras.layers.BatchNormalization(),
+                               keras.layers.Dense(3, activation="softmax")])
+    normed.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    normed.save(tmp_path / "normed.keras")
+    args[1] = str(tmp_path / "normed.keras")
+    result = CliRunner().invoke(cli.main, args + ["--json"])
+    assert result.exit_code == 0 and json.loads(result.output)["activations"] is None
+    result = CliRunner().invoke(cli.main, args)
+    assert "No activation statistics: the model has batch normalization" in result.output
+
+
 def test_check_bad_inputs(tmp_path):
     result = CliRunner().invoke(cli.main, ["check", str(tmp_path / "none.keras")])
     assert result.exit_code == 2 and "no file at" in result.output
