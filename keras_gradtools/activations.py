@@ -535,10 +535,10 @@ class _Captured:
 
         walk(model, "", set())
         self._candidates = {id(item[0]): item for item in candidates}
-        outputs, calls = self._forward(model, data)
+        outputs, calls, _inputs = self._forward(model, data)
         ends = [output for output in outputs if output is not None]
         watched = []
-        for key, (value, _inputs) in calls.items():
+        for key, value in calls.items():
             layer, name, params, prefix = self._candidates[key]
             if layers is None and any(value is end for end in ends):
                 continue  # the model's output
@@ -549,21 +549,24 @@ class _Captured:
         self._watched = [(id(layer), name, params) for layer, name, params, _ in watched]
 
     def _forward(self, model, data):
-        """`(model outputs, {id(layer): (output, input)})` of one forward pass, in call order."""
+        """`(model outputs, {id(layer): output}, {id(layer): activation input})` of one
+        forward pass, in call order; the activation's input only for GELU and SiLU (an
+        `Activation` layer's own input, or the input of one fused into its layer)."""
         import keras
 
         from keras_gradtools import internals
 
-        calls = {}
+        calls, inputs = {}, {}
 
-        def make(key):
+        def keep_call(key, activation_layer):
             def wrap(original):
                 @functools.wraps(original)
                 def call(*args, **kwargs):
                     output = original(*args, **kwargs)
                     if key not in calls and not isinstance(output, (list, tuple, dict)):
-                        first = args[0] if args else next(iter(kwargs.values()), None)
-                        calls[key] = (output, first)
+                        calls[key] = output
+                        if activation_layer:
+                            inputs[key] = args[0] if args else next(iter(kwargs.values()))
                     return output
                 return call
             return wrap
@@ -572,42 +575,34 @@ class _Captured:
             def wrap(original):
                 @functools.wraps(original)
                 def activation(z, *args, **kwargs):
-                    fused.setdefault(key, z)
+                    inputs.setdefault(key, z)
                     return original(z, *args, **kwargs)
                 return activation
             return wrap
 
-        fused = {}
         with contextlib.ExitStack() as stack:
             for key, (layer, name, *_rest) in self._candidates.items():
-                stack.enter_context(internals.patch_call(layer, make(key)))
-                if name in _FROM_INPUT and not isinstance(layer, keras.layers.Activation):
+                own = isinstance(layer, keras.layers.Activation)
+                stack.enter_context(internals.patch_call(
+                    layer, keep_call(key, own and name in _FROM_INPUT)))
+                if name in _FROM_INPUT and not own:
                     # Fused into the layer (`Dense(..., activation="gelu")`): its
                     # derivative needs its input, read as the layer applies it.
                     stack.enter_context(internals.patch_activation(layer, keep_input(key)))
             outputs = _run(model, data, "run")
-        self._fused = fused
-        return keras.tree.flatten(outputs), calls
+        return keras.tree.flatten(outputs), calls, inputs
 
     def __call__(self, model, data):
         """`({path: stats}, {path: output})` now."""
-        import keras
-
         from keras_gradtools import norms as norms_lib
 
-        _outputs, calls = self._forward(model, data)
+        _outputs, calls, inputs = self._forward(model, data)
         stats, values = {}, {}
         for (key, name, params), path in zip(self._watched, self.names):
             if key not in calls:
                 continue  # not called this time
-            output, first = calls[key]
-            layer = self._candidates[key][0]
-            a = np.asarray(norms_lib.to_numpy(output))
-            z = None
-            if name in _FROM_INPUT and isinstance(layer, keras.layers.Activation):
-                z = norms_lib.to_numpy(first)
-            elif name in _FROM_INPUT and key in self._fused:
-                z = norms_lib.to_numpy(self._fused[key])
+            a = np.asarray(norms_lib.to_numpy(calls[key]))
+            z = norms_lib.to_numpy(inputs[key]) if key in inputs else None
             values[path] = a
             stats[path] = layer_stats(a, name, params, z)
         return stats, values
