@@ -17,7 +17,7 @@ Contact points (tested on Keras 3.3.3 / TF 2.16.2 and Keras 3.15.1 / TF
 | `LossScaleOptimizer._stateful_handle_non_finite_grads`, replaced while traced (`patch_non_finite_handler`) | several replicas: the step the loss-scale optimizer skips never reaches the all-reduce; this is where it says so | none |
 | `LossScaleOptimizer._stateless_handle_non_finite_grads`, replaced while traced on JAX (`patch_stateless_non_finite_handler`) | JAX with mixed_float16: a skipped step never reaches the inner optimizer's `apply`; this is where the recorders write its row (NaN, flagged) | none |
 | `layer._inbound_nodes[0]`: its `arguments` and `output_tensors` (`first_call`) | the activation probe reads the layers of a model nested in the user's (a `keras.applications` base, a keras-hub backbone) through a model of their own, called on the tensor that feeds the nested model in the outer graph | none: a nested Functional model's public `input` / `output` are its own graph's |
-| `layer._flatten_layers(include_self=False, recursive=False)` (`sublayers`) | the activation probe finds the layers inside the user's own layers and subclassed models (sublayers kept as private attributes too, as keras-hub's blocks keep them): what Keras' `Model.layers` reads | none for a `Layer`; a model's public `layers` |
+| `layer._flatten_layers(include_self=False, recursive=...)` (`sublayers`) | the activation probe finds the layers inside the user's own layers and subclassed models (sublayers kept as private attributes too, as keras-hub's blocks keep them), and `gradtools check` whether a model holds batch normalization anywhere: what Keras' `Model.layers` reads | none for a `Layer`; a model's public `layers` |
 | `layer.call`, replaced on the instance while the probe runs the model forward (`patch_call`) | the outputs of the layers inside the user's own layers and subclassed models, which no graph exposes | none: Keras 3 has no forward hooks |
 | `layer.activation`, replaced on the instance while the probe runs the model forward (`patch_activation`) | a GELU or SiLU fused into a layer (`Dense(..., activation="gelu")`): its derivative needs its input, which only the layer's `call` sees | none (a public attribute, but Keras does not document replacing it) |
 | `optimizer._trainable_variables` (`optimizer_variables`) | `apply(grads)` called without variables applies to these | none |
@@ -329,10 +329,10 @@ def first_call(layer):
     return keras.tree.flatten(inputs), list(node.output_tensors)
 
 
-def sublayers(layer):
+def sublayers(layer, recursive=False):
     """The layers `layer` tracks itself (kept as attributes, public or private, or in
-    lists and dicts of them), in the order they were set; not theirs."""
-    return list(layer._flatten_layers(include_self=False, recursive=False))
+    lists and dicts of them), in the order they were set; theirs too with `recursive`."""
+    return list(layer._flatten_layers(include_self=False, recursive=recursive))
 
 
 def optimizer_variables(optimizer):

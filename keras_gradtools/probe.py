@@ -203,7 +203,8 @@ def preflight_activations(model, x, samples=64):
     """
     from keras_gradtools.activations import ActivationProbe
 
-    if any(type(layer).__name__ in _MOVING_STATISTICS for layer in _all_layers(model)):
+    if any(type(layer).__name__ in _MOVING_STATISTICS
+           for layer in internals.sublayers(model, recursive=True)):
         return None, ("the model has batch normalization, whose moving statistics are not "
                       "the batch's before training")
     try:
@@ -211,18 +212,6 @@ def preflight_activations(model, x, samples=64):
     except ValueError as error:
         return None, str(error).split(". ")[0]
     return probe(), None
-
-
-def _all_layers(model):
-    """Every layer in `model`, nested models' and custom layers' included."""
-    seen, stack = set(), [model]
-    while stack:
-        layer = stack.pop()
-        if id(layer) in seen:
-            continue
-        seen.add(id(layer))
-        yield layer
-        stack.extend(internals.sublayers(layer))
 
 
 def preflight_check(model, x, y, batch_size=256, include_biases=False, activations=None):
